@@ -1,0 +1,136 @@
+"""Typed settings, one dataclass per service, read from flags and ``KVMESH_*`` variables.
+
+Every field is both a flag and an environment variable (``etcd_endpoint`` is
+``--etcd-endpoint`` and ``KVMESH_ETCD_ENDPOINT``); a flag beats the environment, the
+environment beats the default. Keeping the mapping mechanical means a deployment
+manifest and a command line can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, get_type_hints
+
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+WORKER_ROLES = ("aggregated", "prefill", "decode")
+ROUTER_MODES = ("kv", "round_robin", "random")
+ENGINES = ("real", "mock")
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclasses.dataclass
+class ServiceSettings:
+    """What every kvmesh service needs: where etcd is, where to listen, who it is."""
+
+    namespace: str = dataclasses.field(default="default", metadata=_help("isolates etcd and Redis keys"))
+    etcd_endpoint: str = dataclasses.field(default="127.0.0.1:2379", metadata=_help("etcd host:port"))
+    host: str = dataclasses.field(default="127.0.0.1", metadata=_help("interface the gRPC server binds"))
+    port: int = dataclasses.field(default=0, metadata=_help("gRPC port; 0 picks a free one"))
+    advertise_host: str = dataclasses.field(
+        default="", metadata=_help("host others use to reach this instance; default: --host")
+    )
+    instance_id: str = dataclasses.field(default="", metadata=_help("unique id; default: kind-host-random"))
+    lease_ttl_s: int = dataclasses.field(default=3, metadata=_help("etcd lease TTL in seconds"))
+    drain_timeout_s: float = dataclasses.field(
+        default=10.0, metadata=_help("on SIGTERM, how long in-flight streams may finish")
+    )
+    log_level: str = dataclasses.field(default="INFO", metadata=_help("DEBUG, INFO, WARNING, ERROR"))
+
+    kind = "service"
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_RE.match(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} must match {NAMESPACE_RE.pattern}")
+        if self.instance_id and not INSTANCE_ID_RE.match(self.instance_id):
+            raise ValueError(f"instance id {self.instance_id!r} must match {INSTANCE_ID_RE.pattern}")
+        if not 1 <= self.lease_ttl_s <= 3600:
+            raise ValueError("lease_ttl_s must be between 1 and 3600")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+        if not self.instance_id:
+            self.instance_id = f"{self.kind}-{socket.gethostname()[:32]}-{uuid.uuid4().hex[:8]}"
+            self.instance_id = re.sub(r"[^A-Za-z0-9._-]", "-", self.instance_id)
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.host
+
+
+@dataclasses.dataclass
+class KvStoreSettings(ServiceSettings):
+    """The KV block registry."""
+
+    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", metadata=_help("Redis URL"))
+
+    kind = "kvstore"
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return "KVMESH_" + name.upper()
+
+
+def _convert(raw: str, typ: Any) -> Any:
+    if typ is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return typ(raw)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[ServiceSettings]) -> None:
+    """Add one flag per settings field (defaults left as None so the environment can fill in)."""
+    hints = get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        typ = hints[field.name]
+        help_text = f"{field.metadata.get('help', '')} (env {_env(field.name)}, default {field.default!r})"
+        if typ is bool:
+            parser.add_argument(_flag(field.name), dest=field.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)  # fmt: skip
+        else:
+            parser.add_argument(_flag(field.name), dest=field.name, default=None, type=typ, help=help_text)
+
+
+def settings_from_namespace(
+    cls: type[S], args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> S:
+    """Build settings from parsed flags, falling back to ``KVMESH_*`` variables, then defaults."""
+    env = os.environ if env is None else env
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        flag_value = getattr(args, field.name, None)
+        if flag_value is not None:
+            values[field.name] = flag_value
+        elif _env(field.name) in env:
+            try:
+                values[field.name] = _convert(env[_env(field.name)], hints[field.name])
+            except ValueError as exc:
+                raise ValueError(f"{_env(field.name)}: {exc}") from exc
+    return cls(**values)
+
+
+def load_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> S:
+    """Parse a service's command line into its settings object."""
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    add_settings_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    try:
+        return settings_from_namespace(cls, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
