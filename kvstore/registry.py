@@ -1,0 +1,321 @@
+"""The Redis index of which worker holds which KV block.
+
+Key layout (``<ns>`` isolates stacks sharing one Redis; hashes are 16 lowercase hex digits):
+
+- ``kvmesh:<ns>:blk:<model>:<hash>`` set of worker ids holding that block
+- ``kvmesh:<ns>:wrk:<worker>``       set of hashes the worker holds (purge, resync, counts)
+- ``kvmesh:<ns>:wmeta:<worker>``     hash ``{model, last_seq}``; exists iff the worker is known
+- ``kvmesh:<ns>:workers``            set of known worker ids
+- ``kvmesh:<ns>:counters``           hash ``{batches_ingested, blocks_ingested, resyncs_requested}``
+
+Every operation is one Lua script, so one round trip, and atomic: a batch's events and its
+sequence number land together or not at all, and the two directions of the index
+(``blk`` and ``wrk``) never disagree. A worker's model is fixed by its first batch because
+its ``wrk`` set holds bare hashes: the model in ``wmeta`` is what turns them back into
+``blk`` keys. The scripts build ``blk`` keys themselves, which standalone Redis allows
+and Redis Cluster would not; the index is meant for one Redis (or a replicated primary).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from kvmesh_proto.v1.kvstore_pb2 import KvEventBatch, PublishAck
+from kvstore.validation import InvalidInput, ModelMismatch, check_batch, check_query, check_worker_id
+
+_LUA_COMMON = """
+-- Lua's unpack() overflows its C stack near 8,000 values; stay well under.
+local CHUNK = 4000
+
+local function split_hashes(hex)
+  local hashes = {}
+  for i = 1, #hex, 16 do hashes[#hashes + 1] = string.sub(hex, i, i + 15) end
+  return hashes
+end
+
+local function variadic(cmd, key, members)
+  for i = 1, #members, CHUNK do
+    redis.call(cmd, key, unpack(members, i, math.min(i + CHUNK - 1, #members)))
+  end
+end
+
+-- Empty sets vanish in Redis, so a block nobody holds leaves no key behind.
+local function drop_all(blk_prefix, wrk_key, worker)
+  local hashes = redis.call('SMEMBERS', wrk_key)
+  for i = 1, #hashes do redis.call('SREM', blk_prefix .. hashes[i], worker) end
+  redis.call('DEL', wrk_key)
+  return #hashes
+end
+"""
+
+# KEYS: workers, wmeta, wrk, counters.
+# ARGV: worker, model, blk_root, seq, seq-1 ('' for 0), resync '1'|'0', stored count,
+#       then (op, payload) pairs: 's'|'r' with concatenated hex hashes, 'c' with ''.
+# Sequence numbers travel as decimal strings: Lua numbers are doubles and would round
+# a uint64. Equal-length decimal strings without leading zeros compare like numbers.
+_APPLY_BATCH = (
+    _LUA_COMMON
+    + """
+local worker, model, blk_root = ARGV[1], ARGV[2], ARGV[3]
+local seq, prev, resync = ARGV[4], ARGV[5], ARGV[6] == '1'
+local meta = redis.call('HMGET', KEYS[2], 'model', 'last_seq')
+local known_model, last = meta[1], meta[2]
+if known_model and known_model ~= model then return {'model', known_model} end
+if known_model and not resync and last ~= prev then
+  if #seq < #last or (#seq == #last and seq <= last) then return {'stale', last} end
+  redis.call('HINCRBY', KEYS[4], 'resyncs_requested', 1)
+  return {'gap', last}
+end
+local blk_prefix = blk_root .. model .. ':'
+if resync then drop_all(blk_prefix, KEYS[3], worker) end
+for i = 8, #ARGV, 2 do
+  local op = ARGV[i]
+  if op == 'c' then
+    drop_all(blk_prefix, KEYS[3], worker)
+  else
+    local hashes = split_hashes(ARGV[i + 1])
+    local cmd = op == 's' and 'SADD' or 'SREM'
+    for j = 1, #hashes do redis.call(cmd, blk_prefix .. hashes[j], worker) end
+    variadic(cmd, KEYS[3], hashes)
+  end
+end
+redis.call('HSET', KEYS[2], 'model', model, 'last_seq', seq)
+redis.call('SADD', KEYS[1], worker)
+redis.call('HINCRBY', KEYS[4], 'batches_ingested', 1)
+redis.call('HINCRBY', KEYS[4], 'blocks_ingested', ARGV[7])
+return {'ok'}
+"""
+)
+
+# ARGV: blk prefix (with model), concatenated hex chain, then optional worker-id filter.
+# Walks the chain once, carrying only the workers that have matched so far: each block
+# costs one SMISMEMBER over the survivors, and the walk ends when none survive.
+_FIND_MATCHES = """
+local CHUNK = 4000
+
+local function smismember(key, members)
+  if #members <= CHUNK then return redis.call('SMISMEMBER', key, unpack(members)) end
+  local held = {}
+  for i = 1, #members, CHUNK do
+    local part = redis.call('SMISMEMBER', key, unpack(members, i, math.min(i + CHUNK - 1, #members)))
+    for j = 1, #part do held[#held + 1] = part[j] end
+  end
+  return held
+end
+
+local prefix, hex = ARGV[1], ARGV[2]
+local blocks = #hex / 16
+local alive, first = {}, 1
+if #ARGV > 2 then
+  for i = 3, #ARGV do alive[#alive + 1] = ARGV[i] end
+else
+  alive, first = redis.call('SMEMBERS', prefix .. string.sub(hex, 1, 16)), 2
+end
+local result = {}
+for b = first, blocks do
+  if #alive == 0 then break end
+  local held = smismember(prefix .. string.sub(hex, b * 16 - 15, b * 16), alive)
+  local survivors = {}
+  for j = 1, #alive do
+    if held[j] == 1 then
+      survivors[#survivors + 1] = alive[j]
+    elseif b > 1 then
+      result[#result + 1] = alive[j]
+      result[#result + 1] = b - 1
+    end
+  end
+  alive = survivors
+end
+for j = 1, #alive do
+  result[#result + 1] = alive[j]
+  result[#result + 1] = blocks
+end
+return result
+"""
+
+# KEYS: workers, wmeta, wrk. ARGV: blk_root, worker.
+_PURGE = (
+    _LUA_COMMON
+    + """
+local model = redis.call('HGET', KEYS[2], 'model')
+if not model then return 0 end
+local removed = drop_all(ARGV[1] .. model .. ':', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[1], ARGV[2])
+return removed
+"""
+)
+
+# KEYS: workers, counters. ARGV: namespace root ('kvmesh:<ns>:').
+_SNAPSHOT = """
+local ids = redis.call('SMEMBERS', KEYS[1])
+local rows = {}
+for i = 1, #ids do
+  local meta = redis.call('HMGET', ARGV[1] .. 'wmeta:' .. ids[i], 'model', 'last_seq')
+  rows[#rows + 1] = {ids[i], meta[1], meta[2], redis.call('SCARD', ARGV[1] .. 'wrk:' .. ids[i])}
+end
+local counters = redis.call('HMGET', KEYS[2], 'batches_ingested', 'blocks_ingested', 'resyncs_requested')
+return {counters, rows}
+"""
+
+_EVENT_OPS = {"stored": "s", "removed": "r"}
+
+
+@dataclass(frozen=True)
+class RegisteredWorker:
+    """A worker the index knows: its model, how many blocks it holds, its last applied batch."""
+
+    worker_id: str
+    model: str
+    blocks: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    """Index totals; the counters live in Redis, so they survive a kvstore restart."""
+
+    blocks: int
+    workers: list[RegisteredWorker]
+    batches_ingested: int
+    blocks_ingested: int
+    resyncs_requested: int
+
+
+class BlockRegistry:
+    """Which worker holds which KV block, for one namespace of one Redis."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
+        check_worker_id(namespace, "namespace")
+        self._root = f"kvmesh:{namespace}:"
+        self._blk_root = f"{self._root}blk:"
+        self._workers_key = f"{self._root}workers"
+        self._counters_key = f"{self._root}counters"
+        self._apply = redis.register_script(_APPLY_BATCH)
+        self._find = redis.register_script(_FIND_MATCHES)
+        self._purge = redis.register_script(_PURGE)
+        self._snapshot = redis.register_script(_SNAPSHOT)
+
+    def _worker_keys(self, worker_id: str) -> list[str]:
+        return [self._workers_key, f"{self._root}wmeta:{worker_id}", f"{self._root}wrk:{worker_id}"]
+
+    async def apply_batch(self, batch: KvEventBatch) -> PublishAck:
+        """Apply one worker's batch atomically, or tell it to resync.
+
+        In order (seq = last_seq + 1), from an unknown worker, or marked ``resync``: applied,
+        a resync batch first dropping everything the worker held. A gap: nothing applied,
+        ``resync_required`` with the ``expected_seq``. A duplicate or older seq: nothing
+        applied and no resync, so a retried batch is harmless. ``expected_seq`` is always
+        the next seq the index will accept in order.
+
+        Raises InvalidInput for a malformed batch, ModelMismatch (an InvalidInput) when the
+        worker is known under another model; neither touches the index.
+        """
+        check_batch(batch)
+        seq = batch.seq
+        event_args, stored = _event_args(batch)
+        args = [
+            batch.worker_id,
+            batch.model,
+            self._blk_root,
+            str(seq),
+            str(seq - 1) if seq else "",
+            "1" if batch.resync else "0",
+            stored,
+            *event_args,
+        ]
+        keys = [*self._worker_keys(batch.worker_id), self._counters_key]
+        status, *detail = await self._apply(keys=keys, args=args)
+        status = _text(status)
+        if status == "model":
+            raise ModelMismatch(
+                f"worker {batch.worker_id!r} publishes model {_text(detail[0])!r}, not {batch.model!r}; "
+                "a worker serving another model needs another worker_id"
+            )
+        if status == "gap":
+            return PublishAck(seq=seq, resync_required=True, expected_seq=int(detail[0]) + 1)
+        if status == "stale":
+            return PublishAck(seq=seq, expected_seq=int(detail[0]) + 1)
+        return PublishAck(seq=seq, expected_seq=seq + 1)
+
+    async def find_matches(
+        self, model: str, block_hashes: Sequence[int], worker_ids: Sequence[str] | None = None
+    ) -> list[tuple[str, int]]:
+        """(worker id, leading blocks of the chain it holds), longest first, ties by id.
+
+        A worker's count stops at its first missing block: a later block is useless to it
+        without the ones before. Workers with no leading block are left out; ``worker_ids``
+        restricts the answer to those workers.
+        """
+        check_query(model, block_hashes, worker_ids)
+        if not block_hashes:
+            return []
+        prefix = f"{self._blk_root}{model}:"
+        flat = await self._find(keys=[], args=[prefix, _hex_chain(block_hashes), *(worker_ids or ())])
+        matches = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        matches.sort(key=lambda match: (-match[1], match[0]))
+        return matches
+
+    async def purge(self, worker_id: str) -> int:
+        """Forget a worker and every block it held (it left the mesh); returns blocks removed.
+
+        An unknown worker is not an error: purge after lease loss may race a second purge.
+        """
+        check_worker_id(worker_id)
+        return int(await self._purge(keys=self._worker_keys(worker_id), args=[self._blk_root, worker_id]))
+
+    async def workers(self) -> list[RegisteredWorker]:
+        """Every known worker, sorted by id."""
+        return (await self.stats()).workers
+
+    async def stats(self) -> RegistryStats:
+        """Totals and per-worker rows, read in one consistent snapshot."""
+        counters, rows = await self._snapshot(keys=[self._workers_key, self._counters_key], args=[self._root])
+        workers = sorted(
+            (
+                RegisteredWorker(_text(worker_id), _text(model), int(blocks), int(last_seq))
+                for worker_id, model, last_seq, blocks in rows
+            ),
+            key=lambda worker: worker.worker_id,
+        )
+        batches, blocks_ingested, resyncs = (int(value or 0) for value in counters)
+        return RegistryStats(
+            blocks=sum(worker.blocks for worker in workers),
+            workers=workers,
+            batches_ingested=batches,
+            blocks_ingested=blocks_ingested,
+            resyncs_requested=resyncs,
+        )
+
+
+def _event_args(batch: KvEventBatch) -> tuple[list[str], int]:
+    """The batch's events as the script's (op, payload) pairs, and how many blocks it stores."""
+    args: list[str] = []
+    stored = 0
+    for event in batch.events:
+        kind = event.WhichOneof("event")
+        if kind == "cleared":
+            args += ["c", ""]
+            continue
+        hashes = getattr(event, kind).block_hashes
+        args += [_EVENT_OPS[kind], _hex_chain(hashes)]
+        if kind == "stored":
+            stored += len(hashes)
+    return args, stored
+
+
+def _hex_chain(block_hashes: Sequence[int]) -> str:
+    """Hashes as one string of 16-hex-digit keys: one Redis argument instead of one per hash."""
+    try:
+        return struct.pack(f">{len(block_hashes)}Q", *block_hashes).hex()
+    except struct.error as exc:
+        raise InvalidInput(f"block hashes must be unsigned 64-bit integers ({exc})") from None
+
+
+def _text(value: bytes | str) -> str:
+    """Replies are bytes unless the caller's client decodes them; accept either."""
+    return value.decode() if isinstance(value, bytes) else value
