@@ -1,0 +1,256 @@
+"""`kvmesh up`: the whole mesh on one machine, as child processes, torn down as one.
+
+Children run in their own sessions, so a terminal's Ctrl-C reaches only this
+supervisor, which then stops them in order (front door first, stores last). Each
+child also gets PR_SET_PDEATHSIG, so even a SIGKILLed supervisor leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.util
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvmesh.discovery import Discovery
+from kvmesh.grpc_service import check_health
+from kvmesh.local_stores import StoreProcess, child_env, free_port, start_etcd, start_redis
+
+STATE_FILE = "stack.json"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) != 0
+
+
+@dataclass
+class StackOptions:
+    """What `kvmesh up` was asked for (its flags)."""
+
+    workers: int = 1
+    prefill: int = 0
+    decode: int = 0
+    model: str = ""
+    engine: str = "real"
+    router_mode: str = "kv"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    namespace: str = "default"
+    etcd_endpoint: str = ""
+    redis_url: str = ""
+    state_dir: Path = field(default_factory=lambda: Path(".kvmesh"))
+    ready_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.prefill or self.decode:
+            if self.prefill < 1 or self.decode < 1:
+                raise ValueError("disaggregated mode needs --prefill N and --decode M, both at least 1")
+            self.workers = 0
+        if self.workers < 0:
+            raise ValueError("--workers must be >= 0")
+
+
+@dataclass
+class ServiceChild:
+    name: str
+    instance_id: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+def service_available(module: str) -> bool:
+    """Later issues add services; `up` starts only those whose module exists."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class LocalStack:
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.log_dir = options.state_dir / "logs"
+        self.data_dir = Path(tempfile.mkdtemp(prefix="kvmesh-"))
+        self.stores: list[StoreProcess] = []
+        self.children: list[ServiceChild] = []
+        self.etcd_endpoint = options.etcd_endpoint
+        self.redis_url = options.redis_url
+        self.skipped: list[str] = []
+
+    # -- starting ---------------------------------------------------------------------------
+    def start_stores(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.etcd_endpoint:
+            port = 2379 if _port_free(2379) else free_port()
+            etcd = start_etcd(self.data_dir / "etcd", self.log_dir / "etcd.log", port=port)
+            self.stores.append(etcd)
+            self.etcd_endpoint = etcd.endpoint
+        if not self.redis_url:
+            port = 6379 if _port_free(6379) else free_port()
+            redis = start_redis(self.data_dir / "redis", self.log_dir / "redis.log", port=port)
+            self.stores.append(redis)
+            self.redis_url = f"redis://{redis.endpoint}/0"
+
+    def _spawn(self, name: str, instance_id: str, module: str, args: list[str]) -> None:
+        log_path = self.log_dir / f"{name}.log"
+        cmd = [
+            sys.executable, "-m", module,
+            "--namespace", self.options.namespace,
+            "--etcd-endpoint", self.etcd_endpoint,
+            "--instance-id", instance_id,
+            *args,
+        ]  # fmt: skip
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=child_env(), start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        self.children.append(ServiceChild(name, instance_id, proc, log_path))
+
+    def _worker_args(self, role: str) -> list[str]:
+        args = ["--role", role, "--redis-url", self.redis_url, "--engine", self.options.engine]
+        return [*args, "--model", self.options.model] if self.options.model else args
+
+    def start_services(self) -> None:
+        ns = self.options.namespace
+        self._spawn("kvstore", f"kvstore-{ns}", "kvstore.server", ["--redis-url", self.redis_url])
+        if service_available("services.worker.server"):
+            roles = [("aggregated", self.options.workers), ("prefill", self.options.prefill),
+                     ("decode", self.options.decode)]  # fmt: skip
+            for role, count in roles:
+                for index in range(count):
+                    name = f"{role}-{index}"
+                    self._spawn(name, f"{role}-{ns}-{index}", "services.worker.server", self._worker_args(role))
+        else:
+            self.skipped.append("workers (services/worker is not built yet)")
+        if service_available("router.server"):
+            self._spawn("router", f"router-{ns}", "router.server", [
+                "--port", str(self.options.grpc_port), "--http-port", str(self.options.http_port),
+                "--router-mode", self.options.router_mode,
+            ])  # fmt: skip
+        else:
+            self.skipped.append("router (router/ is not built yet)")
+
+    # -- waiting ----------------------------------------------------------------------------
+    def _failed_child(self) -> ServiceChild | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    async def _healthy_ids(self) -> set[str]:
+        discovery = Discovery(self.etcd_endpoint, self.options.namespace)
+        try:
+            instances = await discovery.list()
+        finally:
+            await discovery.close()
+        wanted = [info for info in instances.values() if info.instance_id in self._child_ids()]
+        checks = await asyncio.gather(*(check_health(info.address) for info in wanted))
+        return {info.instance_id for info, ok in zip(wanted, checks, strict=True) if ok}
+
+    def _child_ids(self) -> set[str]:
+        return {child.instance_id for child in self.children}
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        while time.monotonic() < deadline:
+            failed = self._failed_child()
+            if failed is not None:
+                tail = failed.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{failed.name} exited with {failed.proc.returncode}; log tail:\n{tail}")
+            try:
+                if asyncio.run(self._healthy_ids()) >= self._child_ids():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"services not healthy after {self.options.ready_timeout_s}s")
+
+    # -- reporting and stopping -------------------------------------------------------------
+    def write_state(self) -> Path:
+        state = {
+            "namespace": self.options.namespace,
+            "etcd_endpoint": self.etcd_endpoint,
+            "redis_url": self.redis_url,
+            "services": [{"name": c.name, "instance_id": c.instance_id, "pid": c.proc.pid} for c in self.children],
+            "options": {k: str(v) for k, v in asdict(self.options).items()},
+        }
+        path = self.options.state_dir / STATE_FILE
+        path.write_text(json.dumps(state, indent=2))
+        return path
+
+    def describe(self) -> str:
+        lines = [f"etcd      {self.etcd_endpoint}", f"redis     {self.redis_url}"]
+        lines += [f"{c.name:<9} pid {c.proc.pid}  log {c.log_path}" for c in self.children]
+        if any(c.name == "router" for c in self.children):
+            lines.append(f"router gRPC 127.0.0.1:{self.options.grpc_port}  HTTP http://127.0.0.1:{self.options.http_port}")
+        lines += [f"not started: {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Front door first, stores last; whoever ignores SIGTERM is killed."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        for store in reversed(self.stores):
+            store.stop()
+        (self.options.state_dir / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def run_stack(options: StackOptions) -> int:
+    stack = LocalStack(options)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start_stores()
+        stack.start_services()
+        print(f"kvmesh: starting {len(stack.children)} services, logs in {stack.log_dir}", flush=True)
+        stack.wait_healthy()
+        stack.write_state()
+        print("kvmesh: all services healthy\n" + stack.describe(), flush=True)
+        print(f"kvmesh status --namespace {options.namespace} --etcd-endpoint {stack.etcd_endpoint}", flush=True)
+        while stack._failed_child() is None:
+            time.sleep(0.5)
+        failed = stack._failed_child()
+        print(f"kvmesh: {failed.name} exited with {failed.proc.returncode}; stopping", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("kvmesh: stopping", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"kvmesh: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        print("kvmesh: stopped", flush=True)

@@ -1,0 +1,75 @@
+"""`kvmesh status`: every registered instance, whether it answers its health check, and
+for the kvstore how many blocks it indexes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+
+from kvmesh.discovery import Discovery
+from kvmesh.grpc_service import check_health, insecure_channel
+from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+
+
+async def _kvstore_blocks(address: str) -> int | None:
+    try:
+        async with insecure_channel(address) as channel:
+            stats = await kvstore_pb2_grpc.KvStoreStub(channel).Stats(
+                kvstore_pb2.KvStoreStatsRequest(), timeout=2.0
+            )
+            return stats.blocks if stats.registry_available else None
+    except grpc.aio.AioRpcError:
+        return None
+
+
+async def _describe(info: common_pb2.InstanceInfo) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "kind": info.kind,
+        "id": info.instance_id,
+        "address": info.address,
+        "role": info.role,
+        "model": info.model,
+        "healthy": await check_health(info.address),
+    }
+    if info.engine:
+        row["engine"] = info.engine
+    if info.http_address:
+        row["http_address"] = info.http_address
+    if info.kind == "kvstore":
+        row["blocks"] = await _kvstore_blocks(info.address)
+    return row
+
+
+async def collect_status(etcd_endpoint: str, namespace: str) -> list[dict[str, Any]]:
+    discovery = Discovery(etcd_endpoint, namespace)
+    try:
+        instances = await asyncio.wait_for(discovery.list(), 5.0)
+    finally:
+        await discovery.close()
+    ordered = sorted(instances.values(), key=lambda info: (info.kind, info.instance_id))
+    return list(await asyncio.gather(*(_describe(info) for info in ordered)))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no instances registered"
+    columns = ["kind", "id", "address", "role", "model", "healthy", "blocks"]
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def print_status(etcd_endpoint: str, namespace: str, as_json: bool) -> int:
+    try:
+        rows = asyncio.run(collect_status(etcd_endpoint, namespace))
+    except Exception as exc:
+        message = f"cannot reach etcd at {etcd_endpoint}: {exc or type(exc).__name__}"
+        print(json.dumps({"error": message}) if as_json else message)
+        return 1
+    print(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    return 0

@@ -1,0 +1,139 @@
+"""kvstore process wiring: the KvStore gRPC service over the Redis block registry.
+
+Also the one place that ties the index to membership: when a worker's etcd lease
+disappears its blocks are purged at once, and at start-up the index forgets workers
+that are no longer registered (they died while no kvstore was watching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from kvmesh.config import KvStoreSettings, load_settings
+from kvmesh.discovery import Membership, MembershipEvent
+from kvmesh.grpc_service import ServiceProcess
+from kvmesh.logging_setup import setup_logging
+from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvstore.registry import BlockRegistry
+from kvstore.validation import InvalidInput
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KvStore"].full_name
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Map registry failures onto status codes: the caller's mistake vs retry later."""
+    if isinstance(exc, InvalidInput):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, RedisError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"block registry unavailable: {exc}")
+    raise exc
+
+
+class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
+    def __init__(self, registry: BlockRegistry) -> None:
+        self.registry = registry
+
+    async def Publish(
+        self, request_iterator: AsyncIterator[kvstore_pb2.KvEventBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kvstore_pb2.PublishAck]:
+        async for batch in request_iterator:
+            try:
+                ack = await self.registry.apply_batch(batch)
+            except (InvalidInput, RedisError) as exc:
+                await _abort_for(context, exc)
+            yield ack
+
+    async def FindMatches(
+        self, request: kvstore_pb2.FindMatchesRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.FindMatchesResponse:
+        try:
+            matches = await self.registry.find_matches(
+                request.model, list(request.block_hashes), list(request.worker_ids) or None
+            )
+        except (InvalidInput, RedisError) as exc:
+            await _abort_for(context, exc)
+        return kvstore_pb2.FindMatchesResponse(
+            matches=[kvstore_pb2.WorkerMatch(worker_id=w, matched_blocks=n) for w, n in matches]
+        )
+
+    async def Purge(
+        self, request: kvstore_pb2.PurgeRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.PurgeResponse:
+        try:
+            removed = await self.registry.purge(request.worker_id)
+        except (InvalidInput, RedisError) as exc:
+            await _abort_for(context, exc)
+        return kvstore_pb2.PurgeResponse(blocks_removed=removed)
+
+    async def Stats(
+        self, request: kvstore_pb2.KvStoreStatsRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.KvStoreStatsResponse:
+        try:
+            stats = await self.registry.stats()
+        except RedisError as exc:
+            log.warning("stats without registry: %s", exc)
+            return kvstore_pb2.KvStoreStatsResponse(registry_available=False)
+        return kvstore_pb2.KvStoreStatsResponse(
+            blocks=stats.blocks,
+            workers=[
+                kvstore_pb2.WorkerBlocks(worker_id=w.worker_id, model=w.model, blocks=w.blocks, last_seq=w.last_seq)
+                for w in stats.workers
+            ],
+            batches_ingested=stats.batches_ingested,
+            blocks_ingested=stats.blocks_ingested,
+            resyncs_requested=stats.resyncs_requested,
+            registry_available=True,
+        )
+
+
+async def purge_unregistered(registry: BlockRegistry, live_worker_ids: set[str]) -> None:
+    """Forget workers that hold blocks in the index but have no etcd registration."""
+    for worker in await registry.workers():
+        if worker.worker_id not in live_worker_ids:
+            removed = await registry.purge(worker.worker_id)
+            log.info("purged %d blocks of unregistered worker %s", removed, worker.worker_id)
+
+
+async def serve(settings: KvStoreSettings) -> None:
+    redis_client = aioredis.from_url(settings.redis_url)
+    registry = BlockRegistry(redis_client, settings.namespace)
+    process = ServiceProcess(settings, [SERVICE_NAME])
+    kvstore_pb2_grpc.add_KvStoreServicer_to_server(KvStoreServicer(registry), process.server)
+
+    async def on_worker_change(event: MembershipEvent) -> None:
+        if event.kind == "leave":
+            removed = await registry.purge(event.info.instance_id)
+            log.info("worker %s left: purged %d blocks", event.info.instance_id, removed)
+
+    workers = Membership(process.discovery, "worker")
+    workers.on_change(on_worker_change)
+    try:
+        await process.start(process.instance_info())
+        try:
+            await purge_unregistered(registry, set(await process.discovery.list("worker")))
+        except RedisError as exc:
+            log.warning("could not reconcile the index with etcd at start (%s)", exc)
+        await workers.start()
+        await process.wait_for_signal()
+    finally:
+        await workers.stop()
+        await process.shutdown()
+        await redis_client.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = load_settings(KvStoreSettings, argv, prog="kvmesh kvstore")
+    setup_logging(settings.log_level, "kvstore")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
