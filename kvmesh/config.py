@@ -75,6 +75,63 @@ class KvStoreSettings(ServiceSettings):
     kind = "kvstore"
 
 
+@dataclasses.dataclass
+class WorkerSettings(ServiceSettings):
+    """A prefill, decode or aggregated worker wrapping one engine."""
+
+    role: str = dataclasses.field(default="aggregated", metadata=_help("aggregated, prefill or decode"))
+    model: str = dataclasses.field(default="", metadata=_help("model spec; empty = SmolLM2-135M-Instruct"))
+    engine: str = dataclasses.field(default="real", metadata=_help("real or mock"))
+    dtype: str = dataclasses.field(default="bfloat16", metadata=_help("float32 or bfloat16"))
+    device: str = dataclasses.field(default="cpu", metadata=_help("cpu or cuda"))
+    block_size: int = dataclasses.field(default=16, metadata=_help("tokens per KV block"))
+    kv_cache_blocks: int = dataclasses.field(default=0, metadata=_help("KV blocks in the pool; 0 = engine default"))
+    max_num_seqs: int = dataclasses.field(default=0, metadata=_help("concurrent sequences; 0 = engine default"))
+    max_model_len: int = dataclasses.field(default=0, metadata=_help("context length; 0 = the model's"))
+    stats_interval_ms: int = dataclasses.field(default=200, metadata=_help("load report period"))
+    event_flush_ms: int = dataclasses.field(default=20, metadata=_help("how long KV events are batched"))
+
+    kind = "worker"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.block_size <= 0 or self.stats_interval_ms <= 0 or self.event_flush_ms < 0:
+            raise ValueError("block_size and stats_interval_ms must be positive, event_flush_ms >= 0")
+
+
+@dataclasses.dataclass
+class RouterSettings(ServiceSettings):
+    """The front door: gRPC Generate and the OpenAI-compatible HTTP API."""
+
+    port: int = dataclasses.field(default=50051, metadata=_help("gRPC port"))
+    http_port: int = dataclasses.field(default=8000, metadata=_help("HTTP port of the OpenAI API; -1 = off"))
+    router_mode: str = dataclasses.field(default="kv", metadata=_help("kv, round_robin or random"))
+    overlap_weight: float = dataclasses.field(
+        default=1.0, metadata=_help("cost of one block to prefill relative to one active decode block")
+    )
+    router_temperature: float = dataclasses.field(
+        default=0.0, metadata=_help("softmax temperature over costs; 0 = always the cheapest")
+    )
+    kvstore_timeout_ms: int = dataclasses.field(
+        default=50, metadata=_help("FindMatches deadline; past it the request is routed on load alone")
+    )
+    max_prompt_bytes: int = dataclasses.field(default=4 * 1024 * 1024, metadata=_help("largest prompt accepted"))
+    request_timeout_s: float = dataclasses.field(default=600.0, metadata=_help("per-request deadline"))
+
+    kind = "router"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.router_mode not in ROUTER_MODES:
+            raise ValueError(f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {self.router_mode!r}")
+        if self.overlap_weight < 0 or self.router_temperature < 0:
+            raise ValueError("overlap_weight and router_temperature must be >= 0")
+
+
 S = TypeVar("S", bound=ServiceSettings)
 
 

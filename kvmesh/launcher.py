@@ -124,7 +124,7 @@ class LocalStack:
         self.children.append(ServiceChild(name, instance_id, proc, log_path))
 
     def _worker_args(self, role: str) -> list[str]:
-        args = ["--role", role, "--redis-url", self.redis_url, "--engine", self.options.engine]
+        args = ["--role", role, "--engine", self.options.engine]
         return [*args, "--model", self.options.model] if self.options.model else args
 
     def start_services(self) -> None:

@@ -1,0 +1,328 @@
+"""One request through the router: validate → tokenize → hash → route → stream → detokenize.
+
+Both front doors (gRPC ``Generate`` and the OpenAI HTTP API) call ``RouterCore.open``,
+which returns only once a worker has produced the first output: every refusal (bad
+input, no worker, a worker that failed before its first token and was retried elsewhere)
+is therefore known before a client sees a status line or response header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvmesh.config import RouterSettings
+from kvmesh.hashing import block_hashes
+from kvmesh_proto.v1 import common_pb2, worker_pb2
+from router.errors import RouterError, invalid
+from router.kv_index import KvIndexClient
+from router.scoring import Candidate, RoundRobin, choose_kv
+from router.text_stream import TextStream
+from router.tokenizers import TokenizerCache
+from router.worker_pool import WorkerPool, WorkerState
+from services.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+DEFAULT_MAX_TOKENS = 1024
+_MAX_ATTEMPTS = 3
+
+
+@dataclass
+class GenerationInput:
+    """A request in the router's own terms, whichever front door it came through."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    token_ids: list[int] | None = None
+    sampling: common_pb2.SamplingParams = field(default_factory=common_pb2.SamplingParams)
+    request_id: str = ""
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str = ""
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class RouteInfo:
+    worker_id: str
+    mode: str
+    prefix_overlap: int
+    prompt_blocks: int
+
+
+class Generation:
+    """An opened request: the chosen worker is producing tokens."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        prompt_token_ids: list[int],
+        worker: WorkerState,
+        call: grpc.aio.UnaryStreamCall,
+        first: worker_pb2.WorkerGenerateResponse,
+        text: TextStream,
+        route: RouteInfo,
+        block_size: int,
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.prompt_token_ids = prompt_token_ids
+        self.worker = worker
+        self.route = route
+        self.cached_tokens = first.cached_tokens
+        self.completion_tokens = 0
+        self.finish_reason = ""
+        self._call = call
+        self._first: worker_pb2.WorkerGenerateResponse | None = first
+        self._text = text
+        self._block_size = block_size
+
+    @property
+    def worker_id(self) -> str:
+        return self.worker.worker_id
+
+    def usage(self) -> common_pb2.Usage:
+        return common_pb2.Usage(
+            prompt_tokens=len(self.prompt_token_ids),
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+        )
+
+    async def _responses(self) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        while True:
+            try:
+                response = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise RouterError(
+                    grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} failed mid-stream: {exc.details()}"
+                ) from exc
+            if response is grpc.aio.EOF:
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} ended the stream early")
+            yield response
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """Text deltas until the request finishes; closing early cancels it on the worker."""
+        try:
+            async for response in self._responses():
+                token_ids = list(response.token_ids)
+                self.completion_tokens += len(token_ids)
+                self._track_blocks()
+                delta = self._text.push(token_ids)
+                if self._text.stopped:
+                    self.finish_reason = "stop"
+                    self._call.cancel()
+                    yield Chunk(delta, token_ids, "stop", list(response.logprobs))
+                    return
+                if response.finish_reason:
+                    self.finish_reason = response.finish_reason
+                    yield Chunk(delta + self._text.finish(), token_ids, response.finish_reason,
+                                list(response.logprobs))  # fmt: skip
+                    return
+                yield Chunk(delta, token_ids, "", list(response.logprobs))
+        finally:
+            self.close()
+
+    def _track_blocks(self) -> None:
+        total = len(self.prompt_token_ids) + self.completion_tokens
+        if self.request_id in self.worker.inflight:
+            self.worker.inflight[self.request_id] = -(-total // self._block_size)
+
+    def close(self) -> None:
+        """Forget the request (and cancel it on the worker if it is still running)."""
+        if not self._call.done():
+            self._call.cancel()
+        self.worker.inflight.pop(self.request_id, None)
+
+
+class RouterCore:
+    def __init__(self, settings: RouterSettings, pool: WorkerPool, kv_index: KvIndexClient) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.kv_index = kv_index
+        self.tokenizers = TokenizerCache()
+        self._round_robin = RoundRobin()
+        self._rng = random.Random()
+
+    # -- the model -------------------------------------------------------------------------
+    def resolve_model(self, requested: str) -> common_pb2.InstanceInfo:
+        models = self.pool.models()
+        if not models:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, "no worker is registered yet; retry shortly")
+        if not requested:
+            if len(models) > 1:
+                raise invalid(f"several models are served ({', '.join(sorted(models))}); name one", "model")
+            return next(iter(models.values()))[0]
+        for name, infos in models.items():
+            if requested in (name, name.split("@", 1)[0], infos[0].model_spec):
+                return infos[0]
+        raise RouterError(
+            grpc.StatusCode.NOT_FOUND,
+            f"model {requested!r} is not served here; available: {', '.join(sorted(models))}",
+            "model",
+        )
+
+    # -- the prompt ------------------------------------------------------------------------
+    async def tokenize(self, request: GenerationInput, info: common_pb2.InstanceInfo) -> tuple[list[int], Tokenizer]:
+        tokenizer = await self.tokenizers.get(info.model, info.model_spec)
+        if request.token_ids is not None:
+            return _checked_token_ids(request.token_ids, tokenizer.vocab_size), tokenizer
+        if request.messages is not None:
+            _check_messages(request.messages)
+            text_size = sum(len(m["content"].encode()) for m in request.messages)
+            self._check_size(text_size)
+            try:
+                tokens = await asyncio.to_thread(tokenizer.encode_chat, request.messages)
+            except ValueError as exc:
+                raise invalid(f"messages: {exc}", "messages") from exc
+            return tokens, tokenizer
+        if request.prompt is None:
+            raise invalid("a prompt is required", "prompt")
+        self._check_size(len(request.prompt.encode()))
+        return await asyncio.to_thread(tokenizer.encode, request.prompt), tokenizer
+
+    def _check_size(self, size: int) -> None:
+        if size > self.settings.max_prompt_bytes:
+            raise invalid(f"the prompt is {size} bytes; at most {self.settings.max_prompt_bytes} are accepted")
+
+    # -- routing ---------------------------------------------------------------------------
+    async def route(
+        self, info: common_pb2.InstanceInfo, hashes: list[int], exclude: set[str]
+    ) -> tuple[WorkerState, RouteInfo]:
+        workers = [w for w in self.pool.candidates(info.model) if w.worker_id not in exclude]
+        if not workers:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no live worker serves {info.model}")
+        mode = self.settings.router_mode
+        if mode == "round_robin":
+            chosen = self._round_robin.choose([w.worker_id for w in workers])
+            return self.pool.workers[chosen], RouteInfo(chosen, mode, 0, len(hashes))
+        if mode == "random":
+            worker = self._rng.choice(workers)
+            return worker, RouteInfo(worker.worker_id, mode, 0, len(hashes))
+        overlaps = await self.kv_index.find_overlaps(info.model, hashes)
+        candidates = [
+            Candidate(w.worker_id, (overlaps or {}).get(w.worker_id, 0), w.active_blocks, w.waiting_requests)
+            for w in workers
+        ]
+        decision = choose_kv(
+            candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature, self._rng
+        )
+        route_mode = "kv" if overlaps is not None else "kv-load-only"
+        return self.pool.workers[decision.worker_id], RouteInfo(
+            decision.worker_id, route_mode, decision.prefix_overlap, len(hashes)
+        )
+
+    # -- the request -----------------------------------------------------------------------
+    async def open(self, request: GenerationInput) -> Generation:
+        info = self.resolve_model(request.model)
+        prompt, tokenizer = await self.tokenize(request, info)
+        sampling = self._checked_sampling(request.sampling, len(prompt), info)
+        request_id = request.request_id or f"req-{uuid.uuid4().hex}"
+        hashes = block_hashes(prompt, info.block_size or 16)
+        worker_request = worker_pb2.WorkerGenerateRequest(
+            request_id=request_id, model=info.model, token_ids=prompt, sampling=sampling
+        )
+        tried: set[str] = set()
+        last_error = ""
+        for _ in range(_MAX_ATTEMPTS):
+            worker, route = await self.route(info, hashes, tried)
+            worker.inflight[request_id] = len(hashes) + 1
+            call = worker.stub.Generate(worker_request, timeout=self.settings.request_timeout_s)
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                worker.inflight.pop(request_id, None)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise RouterError(exc.code(), exc.details() or exc.code().name) from exc
+                tried.add(worker.worker_id)
+                last_error = exc.details() or "unavailable"
+                log.warning("worker %s unavailable before the first token (%s); retrying", worker.worker_id, last_error)
+                continue
+            if first is grpc.aio.EOF:
+                worker.inflight.pop(request_id, None)
+                tried.add(worker.worker_id)
+                continue
+            text = TextStream(tokenizer.detokenizer(prompt), list(sampling.stop))
+            return Generation(request_id, info.model, prompt, worker, call, first, text, route, info.block_size or 16)
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error})")
+
+    def _checked_sampling(
+        self, sampling: common_pb2.SamplingParams, prompt_len: int, info: common_pb2.InstanceInfo
+    ) -> common_pb2.SamplingParams:
+        checked = common_pb2.SamplingParams()
+        checked.CopyFrom(sampling)
+        if prompt_len == 0:
+            raise invalid("the prompt is empty", "prompt")
+        context = info.max_model_len or 0
+        if context and prompt_len >= context:
+            raise invalid(f"the prompt has {prompt_len} tokens; this model's context is {context}", "prompt")
+        remaining = context - prompt_len if context else DEFAULT_MAX_TOKENS
+        if checked.max_tokens < 0:
+            raise invalid(f"max_tokens must be positive, got {checked.max_tokens}", "max_tokens")
+        if checked.max_tokens == 0:
+            checked.max_tokens = min(remaining, DEFAULT_MAX_TOKENS)
+        elif context and checked.max_tokens > remaining:
+            raise invalid(
+                f"max_tokens {checked.max_tokens} + prompt {prompt_len} tokens exceeds the context of {context}",
+                "max_tokens",
+            )
+        _check_sampling_ranges(checked)
+        return checked
+
+
+def _check_sampling_ranges(sampling: common_pb2.SamplingParams) -> None:
+    if sampling.temperature < 0 or sampling.temperature > 100:
+        raise invalid(f"temperature must be in [0, 100], got {sampling.temperature}", "temperature")
+    if not 0 <= sampling.top_p <= 1:
+        raise invalid(f"top_p must be in (0, 1], got {sampling.top_p}", "top_p")
+    if not 0 <= sampling.min_p <= 1:
+        raise invalid(f"min_p must be in [0, 1], got {sampling.min_p}", "min_p")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2 <= getattr(sampling, name) <= 2:
+            raise invalid(f"{name} must be in [-2, 2]", name)
+    if sampling.repetition_penalty < 0:
+        raise invalid("repetition_penalty must be > 0", "repetition_penalty")
+    if not 0 <= sampling.logprobs <= 20:
+        raise invalid("logprobs must be in [0, 20]", "logprobs")
+    if len(sampling.stop) > 16 or any(not s or len(s) > 256 for s in sampling.stop):
+        raise invalid("stop: at most 16 non-empty strings of at most 256 characters", "stop")
+
+
+def _check_messages(messages: list[dict[str, str]]) -> None:
+    if not messages:
+        raise invalid("messages must not be empty", "messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise invalid(f"messages[{index}] must be an object", "messages")
+        if message.get("role") not in CHAT_ROLES:
+            raise invalid(
+                f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}",
+                "messages",
+            )
+        if not isinstance(message.get("content"), str):
+            raise invalid(f"messages[{index}].content must be a string", "messages")
+    if messages[-1]["role"] == "assistant" and len(messages) == 1:
+        raise invalid("a conversation cannot start and end with an assistant message", "messages")
+
+
+def _checked_token_ids(token_ids: list[int], vocab_size: int) -> list[int]:
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise invalid(f"token ids must be in [0, {vocab_size}); got {bad[:5]}", "prompt")
+    return list(token_ids)

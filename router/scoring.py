@@ -1,0 +1,87 @@
+"""How the router picks a worker.
+
+The cost of sending a request to a worker, in KV blocks, is what the worker would have
+to *prefill* plus what it is already *decoding*:
+
+    cost = overlap_weight × (prompt_blocks − prefix_overlap) + decode_load
+
+``prefix_overlap`` is how many leading blocks of the prompt's hash chain the worker
+already holds (from the kvstore); ``decode_load`` is the KV blocks its running requests
+hold (from its stats stream, or the router's own count of in-flight work when that is
+higher, so a burst does not all land on one worker before stats catch up), plus a
+prompt's worth of blocks for every queued request. With ``temperature`` 0 the cheapest
+worker wins (ties broken at random, so equal workers share the load); above 0, workers
+are drawn with probability ∝ exp(−cost / (temperature × prompt_blocks)), which spreads
+near-ties.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One live worker as the router sees it at decision time."""
+
+    worker_id: str
+    prefix_overlap: int
+    active_blocks: int
+    waiting_requests: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    worker_id: str
+    cost: float
+    prefix_overlap: int
+    runner_up_cost: float | None
+
+
+def worker_cost(candidate: Candidate, prompt_blocks: int, overlap_weight: float) -> float:
+    prefill_blocks = max(prompt_blocks - candidate.prefix_overlap, 0)
+    decode_load = candidate.active_blocks + candidate.waiting_requests * max(prompt_blocks, 1)
+    return overlap_weight * prefill_blocks + decode_load
+
+
+def choose_kv(
+    candidates: Sequence[Candidate],
+    prompt_blocks: int,
+    overlap_weight: float = 1.0,
+    temperature: float = 0.0,
+    rng: random.Random | None = None,
+) -> Decision:
+    """The kv-mode choice among ``candidates`` (at least one)."""
+    if not candidates:
+        raise ValueError("no candidate workers")
+    rng = rng or random.Random()
+    costs = [worker_cost(c, prompt_blocks, overlap_weight) for c in candidates]
+    if temperature > 0:
+        scale = temperature * max(prompt_blocks, 1)
+        low = min(costs)
+        weights = [math.exp(-(cost - low) / scale) for cost in costs]
+        index = rng.choices(range(len(candidates)), weights=weights)[0]
+    else:
+        low = min(costs)
+        index = rng.choice([i for i, cost in enumerate(costs) if cost == low])
+    others = sorted(cost for i, cost in enumerate(costs) if i != index)
+    chosen = candidates[index]
+    return Decision(chosen.worker_id, costs[index], chosen.prefix_overlap, others[0] if others else None)
+
+
+class RoundRobin:
+    """Cycles through the workers in a stable order, whatever joins or leaves."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, worker_ids: Sequence[str]) -> str:
+        if not worker_ids:
+            raise ValueError("no candidate workers")
+        ordered = sorted(worker_ids)
+        chosen = ordered[self._next % len(ordered)]
+        self._next += 1
+        return chosen
