@@ -1,0 +1,267 @@
+"""``Engine``: the synchronous inference engine a worker drives one ``step()`` at a time.
+
+The scheduler decides, the runner computes, the block manager owns memory; the engine wires
+them, validates requests, applies stop rules and publishes KV events.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
+from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventCallback
+from services.engine.loader import load_model
+from services.engine.model_runner import ModelRunner
+from services.engine.model_source import model_id as resolve_model_id
+from services.engine.outputs import RequestOutput, TokenLogprob
+from services.engine.sampler import sample
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.tokenizer import Tokenizer, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class NoFreeBlocksError(RuntimeError):
+    """The KV pool cannot hold what was asked right now (maps to RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    blocks_total: int
+    blocks_used: int
+    blocks_cached: int
+    blocks_free: int
+    prefix_hit_tokens: int
+    preemptions: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, kv_event_callback: KvEventCallback | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        dtype = _DTYPES[config.dtype]
+        device = torch.device(config.device)
+        self.model_id = resolve_model_id(config.model)
+        self.tokenizer: Tokenizer | None = load_tokenizer(config.model)
+        model = load_model(config.model, dtype, device, seed=config.seed)
+        mcfg = self.model_config = model.cfg
+        if config.max_model_len is not None and config.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                             f"({mcfg.max_position_embeddings})")
+        bytes_per_block = (mcfg.num_layers * 2 * config.block_size * mcfg.num_kv_heads * mcfg.head_dim
+                           * torch.tensor([], dtype=dtype).element_size())
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // bytes_per_block)
+        # A sequence can never need more than the whole pool, so it always completes eventually.
+        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
+                                 num_blocks * config.block_size)
+        self.vocab_size = mcfg.vocab_size
+        self.eos_token_ids = set(mcfg.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else []))
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len)
+        self.requests: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+        self._event_seq = 0
+        self._kv_event_callback = kv_event_callback
+        self._publish([AllCleared()])
+
+    # --- requests ---------------------------------------------------------------------------
+    def validate_request(self, prompt_token_ids: Seq[int], sampling: SamplingParams) -> list[int]:
+        """Check a request without touching engine state (safe from any thread); returns the ids as ints."""
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError("sampling must be a SamplingParams")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+            raise ValueError("prompt token ids must be integers")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"unknown token id {bad[0]}: the vocabulary has {self.vocab_size} tokens")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context allows at most "
+                             f"{self.max_model_len - 1} prompt tokens")
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        return ids
+
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams,
+                    *, keep_kv: bool = False) -> None:
+        """Queue a request. ``keep_kv`` holds its blocks after it finishes, for ``export_kv``."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        ids = self.validate_request(prompt_token_ids, sampling)
+        seq = self._new_sequence(request_id, ids, len(ids), sampling, keep_kv)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request_id: str, token_ids: list[int], num_prompt: int, sampling: SamplingParams,
+                      keep_kv: bool) -> Sequence:
+        seq = Sequence(request_id, token_ids, num_prompt, sampling, self.config.block_size,
+                       next(self._arrivals), keep_kv=keep_kv)
+        if not sampling.greedy:
+            seed = sampling.seed if sampling.seed is not None else int(
+                torch.randint(0, 2**62, (1,), generator=self._rng))
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        if self.tokenizer is not None:
+            seq.detokenizer = self.tokenizer.detokenizer(token_ids[:num_prompt])
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; False if it was not known (already done)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        seq.keep_kv = False
+        if seq.status is SequenceStatus.FINISHED:
+            self.blocks.free(seq)
+        else:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
+        self._flush_events()
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling round and one forward pass; return the requests that advanced."""
+        items = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        if items:
+            seqs, logits = self.runner.execute(items)
+            for seq, n in items:
+                seq.num_computed_tokens += n
+                self.blocks.commit(seq)
+            if seqs:
+                tokens, logprobs = sample(logits, seqs)
+                for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+                    outputs.append(self._append_token(seq, token, lp))
+        self._flush_events()
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        sp = seq.sampling
+        seq.token_ids.append(token)
+        reason = None
+        if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        text = ""
+        if seq.detokenizer is not None:
+            seq.detokenizer.add([token])
+            text, stopped = self._release_text(seq, final=reason is not None)
+            if stopped:
+                reason = "stop"
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            if not seq.keep_kv:
+                self.requests.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, [token], text, reason, [logprob] if logprob else None,
+                             seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt_tokens)
+
+    def _release_text(self, seq: Sequence, final: bool) -> tuple[str, bool]:
+        """Newly releasable text, holding back a tail that could still grow into a stop string."""
+        detok = seq.detokenizer
+        if final:
+            detok.flush()
+        text, sent = detok.text, seq.num_text_sent
+        stops = seq.sampling.stop
+        if stops:
+            longest = max(len(s) for s in stops)
+            window_start = max(0, sent - longest + 1)
+            hits = [i for i in (text.find(s, window_start) for s in stops) if i >= 0]
+            if hits:
+                end = max(min(hits), sent)
+                seq.num_text_sent = end
+                return text[sent:end], True
+            if not final:
+                end = max(sent, len(text) - longest + 1)
+                seq.num_text_sent = end
+                return text[sent:end], False
+        seq.num_text_sent = len(text)
+        return text[sent:], False
+
+    # --- KV events --------------------------------------------------------------------------
+    def set_kv_event_callback(self, callback: KvEventCallback | None) -> None:
+        self._kv_event_callback = callback
+
+    def _publish(self, events: list[KvEvent]) -> None:
+        self._event_seq += 1
+        if self._kv_event_callback is not None:
+            self._kv_event_callback(self._event_seq, events)
+
+    def _flush_events(self) -> None:
+        events = self.blocks.take_events()
+        if events:
+            self._publish(events)
+
+    def cached_block_hashes(self) -> list[int]:
+        """Every block hash the pool holds now (running or evictable), for a full resync."""
+        return self.blocks.cached_block_hashes()
+
+    def resync_events(self) -> list[KvEvent]:
+        """A full snapshot: ``AllCleared`` then one ``BlockStored`` of every held hash (not one chain:
+        its ``parent_hash`` is None and the order carries no meaning)."""
+        hashes = self.cached_block_hashes()
+        return [AllCleared(), BlockStored(tuple(hashes), None)] if hashes else [AllCleared()]
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every evictable cached block (emits BlockRemoved); returns how many."""
+        n = self.blocks.clear_cache()
+        self._flush_events()
+        return n
+
+    # --- introspection and convenience ------------------------------------------------------
+    def stats(self) -> EngineStats:
+        b = self.blocks
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           blocks_total=b.num_blocks, blocks_used=b.num_used, blocks_cached=b.num_cached,
+                           blocks_free=b.num_free - b.num_cached, prefix_hit_tokens=b.prefix_hit_tokens,
+                           preemptions=self.scheduler.num_preemptions)
+
+    def generate(self, prompts: Seq[Seq[int] | str], sampling: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Offline batch generation: one aggregated ``RequestOutput`` per prompt, in order.
+
+        String prompts are tokenized as plain text (no chat template)."""
+        sampling = sampling or SamplingParams()
+        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        ids = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+            tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            rid = f"generate-{id(prompts)}-{i}"
+            self.add_request(rid, tokens, sp)
+            ids.append(rid)
+        results = {rid: RequestOutput(rid, []) for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                acc = results.get(out.request_id)
+                if acc is None:
+                    continue
+                acc.new_token_ids += out.new_token_ids
+                acc.text += out.text
+                if out.logprobs:
+                    acc.logprobs = (acc.logprobs or []) + out.logprobs
+                acc.finish_reason = out.finish_reason
+                acc.num_prompt_tokens, acc.num_output_tokens = out.num_prompt_tokens, out.num_output_tokens
+                acc.num_cached_tokens = out.num_cached_tokens
+        return [results[rid] for rid in ids]

@@ -1,0 +1,162 @@
+"""Build a ``LlamaForCausalLM`` from a GGUF file, a Hugging Face directory or a random preset."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+from services.engine.model_source import ModelSource, gguf_reader, resolve
+from services.engine.models.config import ModelConfig
+from services.engine.models.llama import LlamaForCausalLM
+
+RANDOM_PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+                 eos_token_ids=[2]),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True, eos_token_ids=[2]),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                       num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       max_position_embeddings=131072, eos_token_ids=[128001, 128009]),
+}
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_config(reader) -> ModelConfig:
+    def get(key: str, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = get("general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r}")
+    hidden = int(get(f"{arch}.embedding_length"))
+    heads = int(get(f"{arch}.attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    eos = get("tokenizer.ggml.eos_token_id")
+    scaling = None
+    if get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(get(f"{arch}.rope.scaling.factor"))}
+    return ModelConfig(
+        name=str(get("general.name", "gguf")),
+        vocab_size=int(get(f"{arch}.vocab_size", len(get("tokenizer.ggml.tokens", [])))),
+        hidden_size=hidden,
+        intermediate_size=int(get(f"{arch}.feed_forward_length")),
+        num_layers=int(get(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(get(f"{arch}.rope.dimension_count", hidden // heads)),
+        rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(get(f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[] if eos is None else [int(eos)],
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rope -> rotate-half rope)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf_reader(path)
+    cfg = _gguf_config(reader)
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            layer, kind, leaf = parts[1], parts[2], parts[3]
+            if kind == "attn_q":
+                w = _unpermute(w, cfg.num_heads)
+            elif kind == "attn_k":
+                w = _unpermute(w, cfg.num_kv_heads)
+            name = f"model.layers.{layer}.{_GGUF_NAMES[kind]}.{leaf}"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}.get(t.name)
+            if name is None:
+                continue
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return cfg, state
+
+
+def _load_hf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    heads = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    cfg = ModelConfig(
+        name=hf.get("_name_or_path") or os.path.basename(os.path.abspath(path)),
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 10000.0),
+        rope_scaling=hf.get("rope_scaling"),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=hf.get("attention_bias", hf.get("model_type") == "qwen2"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+    )
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path} has no .safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return cfg, state
+
+
+def random_config(preset: str) -> ModelConfig:
+    if preset not in RANDOM_PRESETS:
+        raise ValueError(f"unknown random preset {preset!r}; known: {sorted(RANDOM_PRESETS)}")
+    return ModelConfig(name=f"random-{preset}", **RANDOM_PRESETS[preset])
+
+
+def load_model(model: str, dtype: torch.dtype, device: torch.device,
+               seed: int = 0) -> LlamaForCausalLM:
+    """Load weights and return the model in eval mode, on ``device``, in ``dtype``."""
+    src: ModelSource = resolve(model)
+    if src.kind == "random":
+        cfg = random_config(src.path)
+        with torch.device(device):
+            net = LlamaForCausalLM(cfg).to(dtype)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+        return net.eval()
+    cfg, state = _load_gguf(src.path) if src.kind == "gguf" else _load_hf(src.path)
+    with torch.device("meta"):
+        net = LlamaForCausalLM(cfg)
+    net = net.to_empty(device=device).to(dtype)
+    net.load_hf_state(state)
+    return net.eval()

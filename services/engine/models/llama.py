@@ -1,0 +1,108 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2 shapes) over a paged KV cache.
+
+q/k/v and gate/up projections are fused into one matmul each: on a CPU each extra op in
+30 layers costs real time per step, and the fused weights are the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.attention import AttentionMetadata, paged_attention
+from services.engine.models.config import ModelConfig
+from services.engine.models.rope import apply_rope, rope_tables
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Computed in float32 and cast back, as the reference implementation does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_size = cfg.num_heads * d
+        self.kv_size = cfg.num_kv_heads * d
+        self.input_norm = nn.Parameter(torch.ones(h))
+        self.qkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        self.post_norm = nn.Parameter(torch.ones(h))
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.scale = cfg.head_dim ** -0.5
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    def init_rope(self, max_positions: int) -> None:
+        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        self.rope_cos, self.rope_sin = rope_tables(self.cfg, max_positions, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, dim].
+        Returns the final hidden states [T, hidden]."""
+        cfg = self.cfg
+        t = input_ids.shape[0]
+        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
+        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        x = self.embed_tokens(input_ids)
+        eps = cfg.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, eps)
+            qkv = layer.qkv(h)
+            q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+            q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            attn = paged_attention(q, k, v, kv_cache[i], meta, self.scale)
+            x = x + layer.o_proj(attn)
+            h = rms_norm(x, layer.post_norm, eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return rms_norm(x, self.norm, eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    @torch.no_grad()
+    def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors named as in a Hugging Face Llama checkpoint (``model.layers.N.self_attn...``)."""
+        cfg = self.cfg
+
+        def get(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(f"checkpoint is missing tensor {name!r}")
+            return state[name]
+
+        self.embed_tokens.weight.copy_(get("model.embed_tokens.weight"))
+        self.norm.copy_(get("model.norm.weight"))
+        head = state.get("lm_head.weight")
+        if head is None or cfg.tie_word_embeddings:
+            head = get("model.embed_tokens.weight")
+        self.lm_head.copy_(head)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            layer.input_norm.copy_(get(p + "input_layernorm.weight"))
+            layer.post_norm.copy_(get(p + "post_attention_layernorm.weight"))
+            layer.qkv.weight.copy_(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            if cfg.attention_bias:
+                layer.qkv.bias.copy_(torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            layer.o_proj.weight.copy_(get(p + "self_attn.o_proj.weight"))
+            layer.gate_up.weight.copy_(
+                torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
+            layer.down.weight.copy_(get(p + "mlp.down_proj.weight"))

@@ -1,0 +1,93 @@
+"""Continuous batching: every step, pick which sequences run and how many tokens each computes.
+
+Running sequences go first (decode is 1 token; an unfinished prefill continues in chunks),
+then waiting ones are admitted in arrival order while the token budget, the sequence limit
+and the pool allow. When the pool runs dry, the most recently admitted sequence is preempted:
+its blocks are freed (full ones stay cached, so its recompute mostly hits the prefix cache)
+and it goes back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from services.engine.block_manager import BlockManager
+from services.engine.sequence import Sequence, SequenceStatus
+
+ScheduledItem = tuple[Sequence, int]
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and free its blocks (finish or abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if not seq.keep_kv:
+            self.blocks.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledItem]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledItem] = []
+        queue = list(self.running)
+        kept: list[Sequence] = []
+        preempted = False
+        while queue:
+            seq = queue.pop(0)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                kept.append(seq)
+                continue
+            while not self.blocks.allocate(seq, n):
+                preempted = True
+                if queue:
+                    self._preempt(queue.pop())
+                else:
+                    self._preempt(seq)
+                    seq = None
+                    break
+            if seq is not None:
+                scheduled.append((seq, n))
+                kept.append(seq)
+                budget -= n
+        self.running = kept
+        # After a preemption the pool is tight: admitting more would only thrash.
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.allocate(seq, n):
+                self.blocks.free(seq)
+                break
+            self.waiting.popleft()
+            if not seq.admitted:
+                seq.admitted = True
+                seq.num_cached_prompt_tokens = seq.num_computed_tokens
+                self.blocks.prefix_hit_tokens += seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled

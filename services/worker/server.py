@@ -1,0 +1,73 @@
+"""Worker process wiring: load the engine, serve the Worker service, publish KV events,
+register in etcd; on SIGTERM deregister first, then let in-flight requests finish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from kvmesh.config import WorkerSettings, load_settings
+from kvmesh.grpc_service import ServiceProcess
+from kvmesh.logging_setup import setup_logging
+from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
+from services.engine.async_engine import AsyncEngine
+from services.engine.config import DEFAULT_MODEL, EngineConfig
+from services.engine.llm_engine import Engine
+from services.worker.kv_publisher import KvEventPublisher
+from services.worker.servicer import WorkerServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+def engine_config(settings: WorkerSettings) -> EngineConfig:
+    extra: dict[str, int] = {}
+    if settings.kv_cache_blocks:
+        extra["num_kv_blocks"] = settings.kv_cache_blocks
+    if settings.max_num_seqs:
+        extra["max_num_seqs"] = settings.max_num_seqs
+    if settings.max_model_len:
+        extra["max_model_len"] = settings.max_model_len
+    return EngineConfig(model=settings.model or DEFAULT_MODEL, dtype=settings.dtype, device=settings.device,
+                        block_size=settings.block_size, **extra)  # type: ignore[arg-type]
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    if settings.engine == "mock":
+        raise SystemExit("--engine mock is not built yet (scale-simulation issue)")
+    return Engine(engine_config(settings))
+
+
+async def serve(settings: WorkerSettings) -> None:
+    engine = await asyncio.to_thread(build_engine, settings)
+    async_engine = AsyncEngine(engine)
+    process = ServiceProcess(settings, [SERVICE_NAME])
+    servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
+    publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id,
+                                 engine.resync_events, async_engine.lock, settings.event_flush_ms)  # fmt: skip
+    engine.set_kv_event_callback(publisher.on_engine_events)
+    info = process.instance_info(
+        role=settings.role, model=engine.model_id, model_spec=settings.model or DEFAULT_MODEL,
+        block_size=settings.block_size, capabilities=["kv_events"], engine=settings.engine,
+        capacity_blocks=engine.stats().blocks_total, max_model_len=engine.max_model_len,
+    )  # fmt: skip
+    await async_engine.start()
+    try:
+        await publisher.start()
+        await process.run_until_signal(info)
+    finally:
+        await publisher.stop()
+        await async_engine.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = load_settings(WorkerSettings, argv, prog="kvmesh worker")
+    setup_logging(settings.log_level, f"worker[{settings.role}]")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

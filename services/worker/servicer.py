@@ -1,0 +1,106 @@
+"""The Worker gRPC service over one engine: Generate, Cancel and the Stats stream.
+
+Disaggregated ``Prefill``/``Decode`` belong to the disaggregation work and answer
+UNIMPLEMENTED here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
+from services.engine.async_engine import AsyncEngine
+from services.engine.llm_engine import NoFreeBlocksError
+from services.worker.convert import output_to_proto, sampling_from_proto
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: AsyncEngine, worker_id: str, role: str, stats_interval_ms: int) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.role = role
+        self.model_id = engine.engine.model_id
+        self.stats_interval_ms = stats_interval_ms
+        self.live: set[str] = set()
+        self._tokens_done = 0
+        self._rate = (time.monotonic(), 0)
+
+    async def Generate(
+        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        if request.model and request.model != self.model_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this worker serves {self.model_id}, not {request.model}")  # fmt: skip
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        if request.request_id in self.live:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request.request_id} is already running")
+        try:
+            sampling = sampling_from_proto(request.sampling)
+            self.engine.engine.validate_request(list(request.token_ids), sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        started = time.monotonic()
+        self.live.add(request.request_id)
+        try:
+            outputs = self.engine.generate(request.request_id, list(request.token_ids), sampling)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    self._tokens_done += len(output.new_token_ids)
+                    yield output_to_proto(output, time.monotonic() - started)
+        except NoFreeBlocksError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self.live.discard(request.request_id)
+
+    async def Cancel(
+        self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.CancelResponse:
+        return worker_pb2.CancelResponse(cancelled=await self.engine.abort(request.request_id))
+
+    def stats(self) -> worker_pb2.WorkerStats:
+        s = self.engine.stats()
+        now = time.monotonic()
+        then, tokens_then = self._rate
+        rate = (self._tokens_done - tokens_then) / (now - then) if now > then else 0.0
+        if now - then > 1.0:
+            self._rate = (now, self._tokens_done)
+        prompt_tokens = max(getattr(s, "prompt_tokens", 0), 1)
+        return worker_pb2.WorkerStats(
+            worker_id=self.worker_id,
+            running_requests=s.running,
+            waiting_requests=s.waiting,
+            kv_blocks_used=s.blocks_used,
+            kv_blocks_cached=s.blocks_cached,
+            kv_blocks_total=s.blocks_total,
+            prefix_hit_rate=s.prefix_hit_tokens / prompt_tokens,
+            tokens_per_s=rate,
+            preemptions=s.preemptions,
+            unix_ms=int(time.time() * 1000),
+            role=self.role,
+        )
+
+    async def Stats(
+        self, request: worker_pb2.WorkerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerStats]:
+        interval_s = (request.interval_ms or self.stats_interval_ms) / 1000
+        interval_s = min(max(interval_s, 0.01), 60.0)
+        while True:
+            yield self.stats()
+            await asyncio.sleep(interval_s)
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregated prefill is not built yet")
+
+    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregated decode is not built yet")
