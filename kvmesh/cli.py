@@ -92,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.engine.cli import generate_main
 
         return generate_main(argv[1:])
+    if argv and argv[0] == "chat":
+        from kvmesh.chat import main as chat_main
+
+        return chat_main(argv[1:])
+    if argv[:2] == ["bench", "serve"]:
+        from bench.serve import main as bench_serve
+
+        return bench_serve(argv[2:])
     parser = argparse.ArgumentParser(prog="kvmesh", description="kvmesh: a distributed LLM inference mesh")
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
@@ -99,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service (see `kvmesh {name} --help`)")
     sub.add_parser("generate", help="generate text locally with the engine (no services)")
+    sub.add_parser("chat", help="interactive streaming chat with a running mesh")
+    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve --help`")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _status(args)
 

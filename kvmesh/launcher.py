@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import importlib.util
 import json
 import shutil
 import signal
@@ -56,6 +55,8 @@ class StackOptions:
     redis_url: str = ""
     state_dir: Path = field(default_factory=lambda: Path(".kvmesh"))
     ready_timeout_s: float = 300.0
+    # Extra environment for workers (e.g. KVMESH_DTYPE=float32 in tests).
+    worker_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.prefill or self.decode:
@@ -74,14 +75,6 @@ class ServiceChild:
     log_path: Path
 
 
-def service_available(module: str) -> bool:
-    """Later issues add services; `up` starts only those whose module exists."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 class LocalStack:
     def __init__(self, options: StackOptions) -> None:
         self.options = options
@@ -91,7 +84,6 @@ class LocalStack:
         self.children: list[ServiceChild] = []
         self.etcd_endpoint = options.etcd_endpoint
         self.redis_url = options.redis_url
-        self.skipped: list[str] = []
 
     # -- starting ---------------------------------------------------------------------------
     def start_stores(self) -> None:
@@ -107,7 +99,10 @@ class LocalStack:
             self.stores.append(redis)
             self.redis_url = f"redis://{redis.endpoint}/0"
 
-    def _spawn(self, name: str, instance_id: str, module: str, args: list[str]) -> None:
+    def spawn(
+        self, name: str, instance_id: str, module: str, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        """Start one service child (tests add extra routers or workers this way)."""
         log_path = self.log_dir / f"{name}.log"
         cmd = [
             sys.executable, "-m", module,
@@ -119,33 +114,37 @@ class LocalStack:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=child_env(), start_new_session=True, preexec_fn=_die_with_parent,
+                env={**child_env(), **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         self.children.append(ServiceChild(name, instance_id, proc, log_path))
 
-    def _worker_args(self, role: str) -> list[str]:
+    def start_kvstore(self) -> None:
+        ns = self.options.namespace
+        self.spawn("kvstore", f"kvstore-{ns}", "kvstore.server", ["--redis-url", self.redis_url])
+
+    def add_worker(self, role: str, index: int, env: dict[str, str] | None = None) -> str:
+        instance_id = f"{role}-{self.options.namespace}-{index}"
         args = ["--role", role, "--engine", self.options.engine]
-        return [*args, "--model", self.options.model] if self.options.model else args
+        if self.options.model:
+            args += ["--model", self.options.model]
+        env = {**self.options.worker_env, **(env or {})}
+        self.spawn(f"{role}-{index}", instance_id, "services.worker.server", args, env)
+        return instance_id
+
+    def add_router(self, name: str, mode: str, grpc_port: int, http_port: int) -> str:
+        instance_id = f"{name}-{self.options.namespace}"
+        self.spawn(name, instance_id, "router.server",
+                   ["--port", str(grpc_port), "--http-port", str(http_port), "--router-mode", mode])  # fmt: skip
+        return instance_id
 
     def start_services(self) -> None:
-        ns = self.options.namespace
-        self._spawn("kvstore", f"kvstore-{ns}", "kvstore.server", ["--redis-url", self.redis_url])
-        if service_available("services.worker.server"):
-            roles = [("aggregated", self.options.workers), ("prefill", self.options.prefill),
-                     ("decode", self.options.decode)]  # fmt: skip
-            for role, count in roles:
-                for index in range(count):
-                    name = f"{role}-{index}"
-                    self._spawn(name, f"{role}-{ns}-{index}", "services.worker.server", self._worker_args(role))
-        else:
-            self.skipped.append("workers (services/worker is not built yet)")
-        if service_available("router.server"):
-            self._spawn("router", f"router-{ns}", "router.server", [
-                "--port", str(self.options.grpc_port), "--http-port", str(self.options.http_port),
-                "--router-mode", self.options.router_mode,
-            ])  # fmt: skip
-        else:
-            self.skipped.append("router (router/ is not built yet)")
+        self.start_kvstore()
+        options = self.options
+        roles = [("aggregated", options.workers), ("prefill", options.prefill), ("decode", options.decode)]
+        for role, count in roles:
+            for index in range(count):
+                self.add_worker(role, index)
+        self.add_router("router", self.options.router_mode, self.options.grpc_port, self.options.http_port)
 
     # -- waiting ----------------------------------------------------------------------------
     def _failed_child(self) -> ServiceChild | None:
@@ -197,7 +196,6 @@ class LocalStack:
         lines += [f"{c.name:<9} pid {c.proc.pid}  log {c.log_path}" for c in self.children]
         if any(c.name == "router" for c in self.children):
             lines.append(f"router gRPC 127.0.0.1:{self.options.grpc_port}  HTTP http://127.0.0.1:{self.options.http_port}")
-        lines += [f"not started: {s}" for s in self.skipped]
         return "\n".join(lines)
 
     def stop(self, grace_s: float = 15.0) -> None:

@@ -31,6 +31,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.stats_interval_ms = stats_interval_ms
         self.live: set[str] = set()
         self._tokens_done = 0
+        self._prompt_tokens = 0
         self._rate = (time.monotonic(), 0)
 
     async def Generate(
@@ -49,6 +50,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         started = time.monotonic()
+        self._prompt_tokens += len(request.token_ids)
         self.live.add(request.request_id)
         try:
             outputs = self.engine.generate(request.request_id, list(request.token_ids), sampling)
@@ -75,7 +77,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         rate = (self._tokens_done - tokens_then) / (now - then) if now > then else 0.0
         if now - then > 1.0:
             self._rate = (now, self._tokens_done)
-        prompt_tokens = max(getattr(s, "prompt_tokens", 0), 1)
         return worker_pb2.WorkerStats(
             worker_id=self.worker_id,
             running_requests=s.running,
@@ -83,7 +84,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_blocks_used=s.blocks_used,
             kv_blocks_cached=s.blocks_cached,
             kv_blocks_total=s.blocks_total,
-            prefix_hit_rate=s.prefix_hit_tokens / prompt_tokens,
+            prefix_hit_rate=s.prefix_hit_tokens / max(self._prompt_tokens, 1),
             tokens_per_s=rate,
             preemptions=s.preemptions,
             unix_ms=int(time.time() * 1000),

@@ -1,0 +1,100 @@
+"""KV-aware routing on the real mesh: prefix affinity, kv vs round-robin, load, a dead worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import httpx
+
+from kvmesh.status import collect_status
+from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from tests.fixtures.mesh import wait_router_workers
+
+TOPICS = ["astronomy", "baking bread", "medieval history", "jazz piano", "sailing", "chess openings",
+          "beekeeping", "volcanoes", "origami", "tax law", "mountain birds", "espresso"]  # fmt: skip
+
+
+def system_prompt(topic: str, variant: str) -> str:
+    """A long (~200 token) system prompt, distinct per topic and variant."""
+    return (f"[{variant}] You are a patient expert tutor on {topic}. " * 2
+            + f"Always answer questions about {topic} with one precise sentence, cite a classic "
+              f"reference work on {topic}, avoid jargon, and never discuss anything except {topic}. " * 3)
+
+
+def chat(http: str, system: str, question: str, max_tokens: int = 2) -> httpx.Response:
+    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
+    response = httpx.post(f"{http}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def cached(response: httpx.Response) -> int:
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_shared_prefix_goes_to_the_worker_that_holds_it(mesh):
+    system = system_prompt("glaciers", "affinity")
+    first = chat(mesh.kv_http, system, "How do glaciers move?")
+    second = chat(mesh.kv_http, system, "Why are glaciers blue?")
+    assert second.headers["x-kvmesh-worker"] == first.headers["x-kvmesh-worker"]
+    assert cached(second) >= 160, second.json()["usage"]
+
+
+def total_cached(http: str, variant: str) -> int:
+    """Eight long system prompts, each asked twice; the second round in a rotated order,
+    so a router blind to the cache sends each repeat to the other worker."""
+    topics = TOPICS[:8]
+    for topic in topics:
+        chat(http, system_prompt(topic, variant), "Give me one fact.")
+    rotated = topics[1:] + topics[:1]
+    return sum(cached(chat(http, system_prompt(t, variant), "Give me another fact.")) for t in rotated)
+
+
+def test_kv_routing_reuses_far_more_cache_than_round_robin(mesh):
+    round_robin = total_cached(mesh.rr_http, "rr")
+    kv = total_cached(mesh.kv_http, "kv")
+    assert kv >= 8 * 160, f"kv mode cached only {kv} tokens"
+    assert kv > 3 * round_robin + 100, f"kv {kv} vs round_robin {round_robin}"
+
+
+def test_busy_worker_does_not_receive_every_new_request(mesh):
+    """One worker decodes a long answer; fresh prompts (no cached prefix) go elsewhere."""
+    busy: dict[str, str] = {}
+
+    def long_generation() -> None:
+        body = {"prompt": system_prompt("long story", "busy") + " Tell a very long story.", "max_tokens": 200,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        response = httpx.post(f"{mesh.kv_http}/v1/completions", json=body, timeout=300)
+        busy["worker"] = response.headers["x-kvmesh-worker"]
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    time.sleep(3.0)  # the long request is decoding and its worker's stats show it
+    chosen = [chat(mesh.kv_http, system_prompt(t, "fresh"), "Hi").headers["x-kvmesh-worker"] for t in TOPICS[8:]]
+    thread.join()
+    assert chosen.count(busy["worker"]) < len(chosen), (busy, chosen)
+
+
+async def test_sigkilled_worker_stops_receiving_requests_and_leaves_the_index(mesh):
+    doomed = mesh.add_worker(9)
+    wait_router_workers(mesh.kv_http, 3, timeout_s=180)
+    system = system_prompt("after the kill", "kill")
+    kvstore = next(r for r in await collect_status(mesh.etcd_endpoint, mesh.namespace) if r["kind"] == "kvstore")
+    served = [chat(mesh.kv_http, system_prompt(q, "kill"), q).headers["x-kvmesh-worker"] for q in ("1?", "2?", "3?")]
+    assert doomed in served, f"the new idle worker never got a fresh prompt: {served}"
+
+    os.kill(mesh.child(doomed).proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_router_workers(mesh.kv_http, 2, timeout_s=10)
+    assert time.monotonic() - killed < 3 + 1.5
+    for _ in range(4):
+        assert chat(mesh.kv_http, system, "Still there?").headers["x-kvmesh-worker"] != doomed
+
+    async with grpc.aio.insecure_channel(kvstore["address"]) as channel:
+        stats = await kvstore_pb2_grpc.KvStoreStub(channel).Stats(kvstore_pb2.KvStoreStatsRequest())
+    assert doomed not in {w.worker_id for w in stats.workers}
