@@ -1,0 +1,46 @@
+"""The kv routing cost: prefill what is not cached, plus what is already decoding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from router.scoring import Candidate, RoundRobin, choose_kv, worker_cost
+
+
+def test_cost_is_blocks_to_prefill_plus_decode_load():
+    worker = Candidate("w", prefix_overlap=6, active_blocks=10, waiting_requests=1)
+    assert worker_cost(worker, prompt_blocks=8, overlap_weight=1.0) == 2 + 10 + 8
+    assert worker_cost(worker, prompt_blocks=8, overlap_weight=2.0) == 4 + 10 + 8
+
+
+def test_longest_prefix_wins_when_load_is_equal():
+    decision = choose_kv([Candidate("a", 2, 0), Candidate("b", 7, 0), Candidate("c", 0, 0)], prompt_blocks=8)
+    assert decision.worker_id == "b"
+    assert decision.prefix_overlap == 7
+    assert decision.runner_up_cost == 6
+
+
+def test_load_outweighs_a_small_overlap():
+    busy = Candidate("busy", prefix_overlap=2, active_blocks=40)
+    idle = Candidate("idle", prefix_overlap=0, active_blocks=0)
+    assert choose_kv([busy, idle], prompt_blocks=8).worker_id == "idle"
+
+
+def test_ties_are_spread_and_temperature_spreads_near_ties():
+    rng = random.Random(0)
+    equal = [Candidate("a", 0, 0), Candidate("b", 0, 0)]
+    assert {choose_kv(equal, 4, rng=rng).worker_id for _ in range(50)} == {"a", "b"}
+    near = [Candidate("a", 4, 0), Candidate("b", 3, 0)]
+    assert {choose_kv(near, 4, rng=rng).worker_id for _ in range(50)} == {"a"}
+    assert {choose_kv(near, 4, temperature=1.0, rng=rng).worker_id for _ in range(200)} == {"a", "b"}
+
+
+def test_round_robin_cycles_in_a_stable_order_and_refuses_nothing_to_choose():
+    rr = RoundRobin()
+    assert [rr.choose(["b", "a"]) for _ in range(4)] == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError):
+        rr.choose([])
+    with pytest.raises(ValueError):
+        choose_kv([], 4)
