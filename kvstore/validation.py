@@ -60,9 +60,7 @@ def check_query(model: str, block_hashes: Sequence[int], worker_ids: Sequence[st
     """
     check_model(model)
     if len(block_hashes) > MAX_QUERY_BLOCKS:
-        raise InvalidInput(
-            f"block_hashes has {len(block_hashes)} entries; at most {MAX_QUERY_BLOCKS} are accepted"
-        )
+        raise InvalidInput(f"block_hashes has {len(block_hashes)} entries; at most {MAX_QUERY_BLOCKS} are accepted")
     if worker_ids:
         if len(worker_ids) > MAX_QUERY_WORKERS:
             raise InvalidInput(f"worker_ids has {len(worker_ids)} entries; at most {MAX_QUERY_WORKERS}")

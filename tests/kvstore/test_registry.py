@@ -5,6 +5,7 @@ Runs against the session's real redis-server; each test has its own namespace.
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -77,10 +78,7 @@ def assert_consistent(client: redis.Redis, namespace: str) -> None:
         for block in dump.get(f"{root}wrk:{worker}", set()):
             pairs_from_workers.add((f"{root}blk:{model}:{block.decode()}", worker))
     pairs_from_blocks = {
-        (key, worker.decode())
-        for key, members in dump.items()
-        if key.startswith(f"{root}blk:")
-        for worker in members
+        (key, worker.decode()) for key, members in dump.items() if key.startswith(f"{root}blk:") for worker in members
     }
     assert pairs_from_blocks == pairs_from_workers
     per_worker_keys = {key for key in dump if key.startswith((f"{root}wrk:", f"{root}wmeta:"))}
@@ -221,6 +219,28 @@ async def test_a_match_stops_at_the_first_missing_block(registry):
     await registry.apply_batch(batch("w2", 0, stored(chain[1:])))
 
     assert await registry.find_matches(MODEL, chain) == [("w1", 2)]
+
+
+async def test_matches_agree_with_a_block_by_block_count(registry):
+    # Workers stop at every offset, some with holes further on, across the script's
+    # step boundaries: the answer must equal the obvious count.
+    rng = random.Random(7)
+    chain = block_hashes(list(range(70 * 16)))
+    held: dict[str, list[int]] = {}
+    for n in range(40):
+        prefix = rng.randrange(0, len(chain) + 1)
+        later = rng.sample(range(prefix + 1, len(chain)), k=min(5, max(0, len(chain) - prefix - 1)))
+        held[f"w{n:02d}"] = chain[:prefix] + [chain[i] for i in later]
+        await registry.apply_batch(batch(f"w{n:02d}", 0, stored(held[f"w{n:02d}"])))
+
+    def leading(blocks: list[int]) -> int:
+        have = set(blocks)
+        return next((i for i, block in enumerate(chain) if block not in have), len(chain))
+
+    expected = sorted(((w, leading(b)) for w, b in held.items() if leading(b)), key=lambda m: (-m[1], m[0]))
+    assert await registry.find_matches(MODEL, chain) == expected
+    subset = sorted(held)[::3]
+    assert await registry.find_matches(MODEL, chain, subset) == [m for m in expected if m[0] in subset]
 
 
 async def test_worker_ids_restrict_the_answer(registry):
