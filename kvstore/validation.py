@@ -16,9 +16,10 @@ WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_MODEL_LEN = 256
 # A prompt of 1M tokens is 65,536 blocks of 16: nothing longer is a real request.
 MAX_QUERY_BLOCKS = 65_536
-# Bounds how long one batch's script holds Redis (about 3 s at this size); a worker
-# with more blocks splits its resync snapshot over several batches.
-MAX_BATCH_BLOCKS = 1_048_576
+# Bounds how long one batch's script holds Redis (about 1 s here; Redis answers BUSY to
+# everyone after 5 s). A worker with more blocks sends its resync snapshot as a resync
+# batch followed by ordinary ones. A 4 MB gRPC message carries about 400,000 hashes anyway.
+MAX_BATCH_BLOCKS = 262_144
 # A caller may restrict FindMatches to a set of workers; more than this is not a restriction.
 MAX_QUERY_WORKERS = 4_096
 MAX_U64 = 2**64 - 1

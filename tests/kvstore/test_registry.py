@@ -16,7 +16,7 @@ from kvmesh.hashing import block_hashes
 from kvmesh.local_stores import StoreProcess
 from kvmesh_proto.v1.kvstore_pb2 import AllCleared, BlockRemoved, BlockStored, KvEvent, KvEventBatch
 from kvstore.registry import BlockRegistry, RegisteredWorker
-from kvstore.validation import MAX_QUERY_BLOCKS, InvalidInput, ModelMismatch
+from kvstore.validation import MAX_BATCH_BLOCKS, MAX_QUERY_BLOCKS, InvalidInput, ModelMismatch
 
 MODEL = "smollm2-135m@main"
 SYSTEM_PROMPT = list(range(1000, 1064))  # 4 blocks shared by every conversation below
@@ -336,6 +336,7 @@ BAD_BATCHES = {
     "model of 257 chars": batch("w1", 1, GOOD_EVENT, model="m" * 257),
     "event without payload": batch("w1", 1, GOOD_EVENT, KvEvent()),
     "seq without successor": batch("w1", 2**64 - 1, GOOD_EVENT),
+    "too many hashes": batch("w1", 1, GOOD_EVENT, removed(list(range(MAX_BATCH_BLOCKS)))),
 }
 
 
