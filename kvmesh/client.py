@@ -184,7 +184,7 @@ class AsyncClient:
                 return
             yield _chunk(first)
             try:
-                async for response in call:
+                while (response := await call.read()) is not grpc.aio.EOF:
                     yield _chunk(response)
             finally:
                 call.cancel()

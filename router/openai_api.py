@@ -69,10 +69,11 @@ def sampling_from(body: dict, chat: bool) -> common_pb2.SamplingParams:
         raise invalid("best_of is not supported", "best_of")
     if body.get("echo"):
         raise invalid("echo is not supported", "echo")
-    max_tokens = body.get("max_completion_tokens") if chat else None
-    max_tokens = _number(body if max_tokens is None else {"max_tokens": max_tokens}, "max_tokens",
-                         0 if chat else 16, int)  # fmt: skip
-    if max_tokens is not None and max_tokens <= 0:
+    if chat and body.get("max_completion_tokens") is not None:
+        max_tokens = _number(body, "max_completion_tokens", 0, int)
+    else:
+        max_tokens = _number(body, "max_tokens", 0 if chat else 16, int)
+    if max_tokens <= 0 and (body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None):
         raise invalid(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     if chat:
         logprobs = _number(body, "top_logprobs", 1 if body.get("logprobs") else 0, int) if body.get("logprobs") else 0

@@ -3,8 +3,8 @@
 The engine calls ``on_engine_events`` from its own thread; events wait in a list under a
 lock and an asyncio task ships them every ``flush_ms`` as one ``KvEventBatch`` over a
 ``Publish`` stream. Every new stream (first connection, kvstore restart, a broken
-stream) begins with a full snapshot, taken under the same lock that guards the pending
-list, so the snapshot plus what follows it is exactly the engine's state. A gap the
+stream) begins with a full snapshot, taken on the engine thread together with clearing
+the pending list, so the snapshot plus what follows it is exactly the engine's state. A gap the
 kvstore notices (``resync_required``) also gets a snapshot. Losing the kvstore degrades
 routing only: requests never wait for this path.
 """
@@ -15,14 +15,15 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
 
 import grpc
 
 from kvmesh.discovery import Discovery, Membership
 from kvmesh.grpc_service import insecure_channel
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from services.engine.async_engine import AsyncEngine
 from services.engine.kv_events import KvEvent
+from services.engine.llm_engine import Engine
 from services.worker.convert import event_to_proto
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,13 @@ class KvEventPublisher:
         discovery: Discovery,
         worker_id: str,
         model: str,
-        snapshot: Callable[[], list[KvEvent]],
-        engine_lock: threading.Lock,
+        engine: AsyncEngine,
         flush_ms: int,
     ) -> None:
         self._kvstores = Membership(discovery, "kvstore")
         self._worker_id = worker_id
         self._model = model
-        self._snapshot = snapshot
-        self._engine_lock = engine_lock
+        self._engine = engine
         self._flush_s = flush_ms / 1000
         self._lock = threading.Lock()
         self._pending: list[KvEvent] = []
@@ -81,12 +80,15 @@ class KvEventPublisher:
             events=[event_to_proto(e) for e in events], resync=resync,
         )  # fmt: skip
 
-    def _resync_batch(self) -> kvstore_pb2.KvEventBatch:
-        # Lock order engine → pending, as on the engine thread (step() holds the engine
-        # lock when it calls on_engine_events), so the two can never deadlock.
-        with self._engine_lock, self._lock:
+    def _snapshot_on_engine_thread(self, engine: Engine) -> list[KvEvent]:
+        # Events are appended only on the engine thread, so clearing what is pending and
+        # reading the pool there, in one call, leaves no event on both sides of the snapshot.
+        with self._lock:
             self._pending.clear()
-            events = self._snapshot()
+            return engine.resync_events()
+
+    async def _resync_batch(self) -> kvstore_pb2.KvEventBatch:
+        events = await self._engine.run(self._snapshot_on_engine_thread)
         self.resyncs += 1
         return self._batch(events, resync=True)
 
@@ -111,7 +113,7 @@ class KvEventPublisher:
 
     async def _stream_to(self, address: str) -> None:
         outbox: asyncio.Queue[kvstore_pb2.KvEventBatch] = asyncio.Queue()
-        await outbox.put(self._resync_batch())
+        await outbox.put(await self._resync_batch())
 
         async def requests():
             while True:
@@ -139,5 +141,5 @@ class KvEventPublisher:
             self.batches_sent += 1
             if ack.resync_required:
                 log.warning("kvstore expected batch %d, got %d: resyncing", ack.expected_seq, ack.seq)
-                await outbox.put(self._resync_batch())
+                await outbox.put(await self._resync_batch())
         raise ConnectionError("kvstore closed the event stream")

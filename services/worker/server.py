@@ -46,21 +46,20 @@ async def serve(settings: WorkerSettings) -> None:
     process = ServiceProcess(settings, [SERVICE_NAME])
     servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
-    publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id,
-                                 engine.resync_events, async_engine.lock, settings.event_flush_ms)  # fmt: skip
+    publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,
+                                 settings.event_flush_ms)  # fmt: skip
     engine.set_kv_event_callback(publisher.on_engine_events)
     info = process.instance_info(
         role=settings.role, model=engine.model_id, model_spec=settings.model or DEFAULT_MODEL,
         block_size=settings.block_size, capabilities=["kv_events"], engine=settings.engine,
         capacity_blocks=engine.stats().blocks_total, max_model_len=engine.max_model_len,
     )  # fmt: skip
-    await async_engine.start()
     try:
         await publisher.start()
         await process.run_until_signal(info)
     finally:
         await publisher.stop()
-        await async_engine.stop()
+        async_engine.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

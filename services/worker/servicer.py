@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.llm_engine import NoFreeBlocksError
 from services.worker.convert import output_to_proto, sampling_from_proto
 
@@ -46,7 +46,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request.request_id} is already running")
         try:
             sampling = sampling_from_proto(request.sampling)
-            self.engine.engine.validate_request(list(request.token_ids), sampling)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         started = time.monotonic()
@@ -60,6 +59,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     yield output_to_proto(output, time.monotonic() - started)
         except NoFreeBlocksError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
@@ -71,7 +72,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.CancelResponse(cancelled=await self.engine.abort(request.request_id))
 
     def stats(self) -> worker_pb2.WorkerStats:
-        s = self.engine.stats()
+        s = self.engine.last_stats
         now = time.monotonic()
         then, tokens_then = self._rate
         rate = (self._tokens_done - tokens_then) / (now - then) if now > then else 0.0

@@ -24,7 +24,7 @@ def engine_greedy(engine, token_ids: list[int], max_tokens: int) -> tuple[list[i
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert len(models) == 1
-    assert models[0].id.startswith("SmolLM2")
+    assert models[0].id.lower().startswith("smollm2")
 
 
 def test_chat_completion_equals_in_process_engine(client, engine, tokenizer):
@@ -66,7 +66,9 @@ def test_stop_string_ends_the_text_before_it(client):
 
 
 def test_worker_header_and_cached_tokens_are_reported(mesh):
-    body = {"model": "", "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+    # A prompt no other test sends, so only one worker can hold its blocks.
+    messages = [{"role": "user", "content": "Describe the smell of rain on hot asphalt, for a perfumer."}]
+    body = {"model": "", "messages": messages, "max_tokens": 4, "temperature": 0}
     first = httpx.post(f"{mesh.kv_http}/v1/chat/completions", json=body, timeout=60)
     second = httpx.post(f"{mesh.kv_http}/v1/chat/completions", json=body, timeout=60)
     assert first.status_code == second.status_code == 200
