@@ -15,6 +15,7 @@ import torch
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventCallback
+from services.engine.kv_transfer import KvExport, read_blocks, write_blocks
 from services.engine.loader import load_model
 from services.engine.model_runner import ModelRunner
 from services.engine.model_source import model_id as resolve_model_id
@@ -199,6 +200,59 @@ class Engine:
                 return text[sent:end], False
         seq.num_text_sent = len(text)
         return text[sent:], False
+
+    # --- KV export / import (disaggregated prefill) -----------------------------------------
+    def export_kv(self, request_id: str, release: bool = True) -> KvExport:
+        """The computed KV of a request (running, or finished with ``keep_kv``). ``release`` then
+        drops the request and frees its blocks (full ones stay cached)."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            raise KeyError(f"unknown request {request_id!r} (finished without keep_kv?)")
+        n = seq.num_computed_tokens
+        used = seq.block_table[: -(-n // self.config.block_size)]
+        hashes = seq.block_hashes[: len(used)] + [0] * (len(used) - len(seq.block_hashes[: len(used)]))
+        export = KvExport(seq.token_ids[:n], n, hashes, read_blocks(self.runner.kv_cache, used))
+        if release:
+            self.abort(request_id)
+        return export
+
+    def add_request_with_kv(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams,
+                            kv: KvExport, output_token_ids: Seq[int] = ()) -> None:
+        """Continue a sequence prefilled elsewhere: its prompt, the tokens already generated there
+        (``output_token_ids``, counted against ``max_tokens``), and the KV of its first
+        ``kv.num_tokens`` tokens. Raises NoFreeBlocksError when the pool cannot take it now."""
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        ids = self.validate_request(prompt_token_ids, sampling)
+        outputs = list(output_token_ids)
+        tokens = ids + outputs
+        if any(not 0 <= t < self.vocab_size for t in outputs):
+            raise ValueError("unknown token id in output_token_ids")
+        if len(outputs) >= sampling.max_tokens or len(tokens) >= self.max_model_len:
+            raise ValueError("the request has no tokens left to generate")
+        if not 0 < kv.num_tokens < len(tokens) or kv.token_ids != tokens[: kv.num_tokens]:
+            raise ValueError("the KV does not cover a strict prefix of the request's tokens")
+        bs = self.config.block_size
+        if kv.num_blocks != -(-kv.num_tokens // bs):
+            raise ValueError(f"{kv.num_blocks} KV blocks cannot hold {kv.num_tokens} tokens of {bs}")
+        seq = self._new_sequence(request_id, tokens, len(ids), sampling, keep_kv=False)
+        seq.admitted = True  # its prompt was computed elsewhere: no local prefix hit to count
+        if not self.blocks.allocate(seq, kv.num_tokens):
+            raise NoFreeBlocksError(f"the pool has {self.blocks.num_free} free blocks; "
+                                    f"{kv.num_blocks} are needed")
+        try:
+            write_blocks(self.runner.kv_cache, seq.block_table, kv.data)
+        except ValueError:
+            self.blocks.free(seq)
+            raise
+        if seq.detokenizer is not None and outputs:
+            seq.detokenizer.add(outputs)
+            seq.num_text_sent = len(seq.detokenizer.text)
+        seq.num_computed_tokens = kv.num_tokens
+        self.blocks.commit(seq)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        self._flush_events()
 
     # --- KV events --------------------------------------------------------------------------
     def set_kv_event_callback(self, callback: KvEventCallback | None) -> None:

@@ -108,6 +108,7 @@ def _load_hf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     heads = hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or {}
     eos = hf.get("eos_token_id")
     cfg = ModelConfig(
         name=hf.get("_name_or_path") or os.path.basename(os.path.abspath(path)),
@@ -115,8 +116,10 @@ def _load_hf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 10000.0),
-        rope_scaling=hf.get("rope_scaling"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+        # transformers >= 5 writes ``rope_parameters`` (theta and scaling together).
+        rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
+        rope_scaling=hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias=hf.get("attention_bias", hf.get("model_type") == "qwen2"),

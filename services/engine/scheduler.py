@@ -76,10 +76,13 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            self.blocks.match_prefix(seq)
+            holds_blocks = bool(seq.block_table)  # imported KV: its blocks are already in place
+            if not holds_blocks:
+                self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.allocate(seq, n):
-                self.blocks.free(seq)
+                if not holds_blocks:
+                    self.blocks.free(seq)
                 break
             self.waiting.popleft()
             if not seq.admitted:

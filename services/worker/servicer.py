@@ -32,6 +32,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.live: set[str] = set()
         self._tokens_done = 0
         self._prompt_tokens = 0
+        # Set when a request ends, so subscribers learn about freed blocks at once.
+        self._changed = asyncio.Event()
         self._rate = (time.monotonic(), 0)
 
     async def Generate(
@@ -65,14 +67,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             self.live.discard(request.request_id)
+            self._changed.set()
 
     async def Cancel(
         self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.CancelResponse:
         return worker_pb2.CancelResponse(cancelled=await self.engine.abort(request.request_id))
 
-    def stats(self) -> worker_pb2.WorkerStats:
-        s = self.engine.last_stats
+    async def stats(self) -> worker_pb2.WorkerStats:
+        """A load report read on the engine thread between steps, so a finished request's
+        blocks are never reported after its last token was sent."""
+        s, taken_s = await self.engine.run(lambda engine: (engine.stats(), time.time()))
         now = time.monotonic()
         then, tokens_then = self._rate
         rate = (self._tokens_done - tokens_then) / (now - then) if now > then else 0.0
@@ -88,7 +93,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prefix_hit_rate=s.prefix_hit_tokens / max(self._prompt_tokens, 1),
             tokens_per_s=rate,
             preemptions=s.preemptions,
-            unix_ms=int(time.time() * 1000),
+            unix_ms=int(taken_s * 1000),
             role=self.role,
         )
 
@@ -98,8 +103,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         interval_s = (request.interval_ms or self.stats_interval_ms) / 1000
         interval_s = min(max(interval_s, 0.01), 60.0)
         while True:
-            yield self.stats()
-            await asyncio.sleep(interval_s)
+            yield await self.stats()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), interval_s)
+            self._changed.clear()
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregated prefill is not built yet")

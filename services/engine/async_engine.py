@@ -1,0 +1,139 @@
+"""``AsyncEngine``: the engine on a background thread, streamed to asyncio callers.
+
+One thread owns the ``Engine`` and is the only one that touches it: callers' requests, aborts
+and other calls are queued and applied between steps, so the event loop never waits for a
+forward pass. Outputs are handed back with ``call_soon_threadsafe``. A stream whose consumer
+stops iterating (break, cancel, disconnect) aborts its request, which frees its blocks at once.
+The KV-event callback, if any, runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from services.engine.config import EngineConfig
+from services.engine.kv_transfer import KvExport
+from services.engine.llm_engine import Engine, EngineStats
+from services.engine.outputs import RequestOutput
+from services.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shut down or crashed); requests are refused (maps to UNAVAILABLE)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._calls: list[tuple[Callable[[], Any], Future]] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._error: BaseException | None = None
+        self.last_stats: EngineStats = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="kvmesh-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig | None = None) -> AsyncEngine:
+        return cls(Engine(config))
+
+    # --- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stopped and not self._calls and not self.engine.has_unfinished():
+                        self._cv.wait()
+                    if self._stopped:
+                        return
+                    calls, self._calls = self._calls, []
+                for fn, fut in calls:
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # handed to the caller, not fatal here
+                        fut.set_exception(exc)
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+                self.last_stats = self.engine.stats()
+        except BaseException as exc:
+            self._error = exc
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
+            with self._cv:
+                for _, fut in self._calls:
+                    fut.set_exception(EngineDeadError(f"engine failed: {exc!r}"))
+                self._calls = []
+            raise
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    # --- caller side ------------------------------------------------------------------------
+    def call(self, fn: Callable[[Engine], T]) -> Future:
+        """Run ``fn(engine)`` on the engine thread between steps; returns a concurrent Future."""
+        fut: Future = Future()
+        with self._cv:
+            if self._stopped or self._error is not None:
+                raise EngineDeadError("the engine is not running")
+            self._calls.append((lambda: fn(self.engine), fut))
+            self._cv.notify()
+        return fut
+
+    async def run(self, fn: Callable[[Engine], T]) -> T:
+        """``call`` for coroutines: e.g. ``await engine.run(lambda e: e.export_kv(rid))``."""
+        return await asyncio.wrap_future(self.call(fn))
+
+    async def generate(self, request_id: str, token_ids: Sequence[int], sampling: SamplingParams, *,
+                       keep_kv: bool = False, kv: KvExport | None = None,
+                       output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs until it finishes. ValueError (bad input) is raised before
+        the first output. With ``kv``, continue a sequence prefilled elsewhere."""
+        self.engine.validate_request(token_ids, sampling)
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, queue)
+        finished = added = False
+        try:
+            if kv is None:
+                add = lambda e: e.add_request(request_id, token_ids, sampling, keep_kv=keep_kv)  # noqa: E731
+            else:
+                add = lambda e: e.add_request_with_kv(request_id, token_ids, sampling, kv,  # noqa: E731
+                                                      output_token_ids)
+            await self.run(add)
+            added = True
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if added and not finished and not self._stopped and self._error is None:
+                # The consumer went away: free the request's blocks now.
+                self.call(lambda e: e.abort(request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.run(lambda e: e.abort(request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout)
