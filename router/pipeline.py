@@ -148,7 +148,7 @@ class Generation:
         """Forget the request (and cancel it on the worker if it is still running)."""
         if not self._call.done():
             self._call.cancel()
-        self.worker.inflight.pop(self.request_id, None)
+        self.worker.finish(self.request_id)
 
 
 class RouterCore:

@@ -1,11 +1,17 @@
 """The router's live view of the workers: who is alive (etcd), how loaded (their stats
-streams), and what this router itself has in flight on each."""
+streams), and what this router itself has in flight on each.
+
+Worker and router clocks are compared (a report's ``unix_ms`` against the moment one of
+our requests finished), so hosts are expected to run NTP; a skew only delays, by at most
+one report, forgetting the load of a finished request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +33,22 @@ class WorkerState:
     stats: worker_pb2.WorkerStats | None = None
     # request id -> KV blocks it holds, as far as this router knows
     inflight: dict[str, int] = field(default_factory=dict)
+    # Blocks of this router's requests that finished after the last stats report was taken:
+    # that report still counts them, so they are subtracted until a newer report arrives.
+    released_blocks: int = 0
+    released_at_ms: float = 0.0
     stats_task: asyncio.Task | None = None
+
+    def finish(self, request_id: str) -> None:
+        blocks = self.inflight.pop(request_id, None)
+        if blocks:
+            self.released_blocks += blocks
+            self.released_at_ms = time.time() * 1000
+
+    def update_stats(self, stats: worker_pb2.WorkerStats) -> None:
+        self.stats = stats
+        if stats.unix_ms >= self.released_at_ms:
+            self.released_blocks = 0
 
     @property
     def worker_id(self) -> str:
@@ -42,7 +63,7 @@ class WorkerState:
         """Blocks held by running requests: the worker's own report or this router's count,
         whichever is higher (a fresh burst is not in the stats yet)."""
         reported = self.stats.kv_blocks_used if self.stats else 0
-        return max(reported, self.inflight_blocks)
+        return max(reported - self.released_blocks, self.inflight_blocks, 0)
 
     @property
     def waiting_requests(self) -> int:
@@ -96,7 +117,7 @@ class WorkerPool:
         while True:
             try:
                 async for stats in state.stub.Stats(request):
-                    state.stats = stats
+                    state.update_stats(stats)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:

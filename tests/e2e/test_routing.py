@@ -19,10 +19,10 @@ TOPICS = ["astronomy", "baking bread", "medieval history", "jazz piano", "sailin
 
 
 def system_prompt(topic: str, variant: str) -> str:
-    """A long (~200 token) system prompt, distinct per topic and variant."""
-    return (f"[{variant}] You are a patient expert tutor on {topic}. " * 2
+    """A long (~220 token) system prompt, distinct per topic and variant."""
+    return (f"[{variant}] You are a patient expert tutor on {topic}. " * 3
             + f"Always answer questions about {topic} with one precise sentence, cite a classic "
-              f"reference work on {topic}, avoid jargon, and never discuss anything except {topic}. " * 3)
+              f"reference work on {topic}, avoid jargon, and never discuss anything except {topic}. " * 5)
 
 
 def chat(http: str, system: str, question: str, max_tokens: int = 2) -> httpx.Response:
@@ -42,7 +42,8 @@ def test_shared_prefix_goes_to_the_worker_that_holds_it(mesh):
     first = chat(mesh.kv_http, system, "How do glaciers move?")
     second = chat(mesh.kv_http, system, "Why are glaciers blue?")
     assert second.headers["x-kvmesh-worker"] == first.headers["x-kvmesh-worker"]
-    assert cached(second) >= 160, second.json()["usage"]
+    usage = second.json()["usage"]
+    assert cached(second) >= usage["prompt_tokens"] - 32, usage
 
 
 def total_cached(http: str, variant: str) -> int:
@@ -58,7 +59,7 @@ def total_cached(http: str, variant: str) -> int:
 def test_kv_routing_reuses_far_more_cache_than_round_robin(mesh):
     round_robin = total_cached(mesh.rr_http, "rr")
     kv = total_cached(mesh.kv_http, "kv")
-    assert kv >= 8 * 160, f"kv mode cached only {kv} tokens"
+    assert kv >= 8 * 160, f"kv mode cached only {kv} tokens of eight ~220-token system prompts"
     assert kv > 3 * round_robin + 100, f"kv {kv} vs round_robin {round_robin}"
 
 
