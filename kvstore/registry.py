@@ -290,7 +290,8 @@ class BlockRegistry:
         if not block_hashes:
             return []
         prefix = f"{self._blk_root}{model}:"
-        args = [prefix, _hex_chain(block_hashes), *(worker_ids or ())]
+        # A repeated id would come back twice; dict keeps the caller's order.
+        args = [prefix, _hex_chain(block_hashes), *dict.fromkeys(worker_ids or ())]
         flat = await self._find(keys=[], args=args)
         matches = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
         matches.sort(key=lambda match: (-match[1], match[0]))

@@ -249,6 +249,7 @@ async def test_worker_ids_restrict_the_answer(registry):
         await registry.apply_batch(batch(worker, 0, stored(chain[: 2 + seq])))
 
     assert await registry.find_matches(MODEL, chain, ["w1", "w3", "unknown"]) == [("w3", 4), ("w1", 2)]
+    assert await registry.find_matches(MODEL, chain, ["w1", "w1", "w3"]) == [("w3", 4), ("w1", 2)]
     assert await registry.find_matches(MODEL, chain, ["unknown"]) == []
 
 
