@@ -146,16 +146,22 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device,
     """Load weights and return the model in eval mode, on ``device``, in ``dtype``."""
     src: ModelSource = resolve(model)
     if src.kind == "random":
-        cfg = random_config(src.path)
-        with torch.device(device):
-            net = LlamaForCausalLM(cfg).to(dtype)
-        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.device("meta"):
+            net = LlamaForCausalLM(random_config(src.path))
+        net = net.to_empty(device=device).to(dtype)
+        # Drawn on the CPU, so the same seed gives the same weights on any device; above ~1B
+        # parameters that takes minutes, so big presets draw on their device (weights then
+        # depend on the device, which shape benchmarks do not care about).
+        big = sum(p.numel() for p in net.parameters()) > 1_000_000_000
+        gen_device = device if big else torch.device("cpu")
+        gen = torch.Generator(device=gen_device).manual_seed(seed)
         with torch.no_grad():
             for name, p in net.named_parameters():
                 if "norm" in name:
                     p.fill_(1.0)
                 else:
-                    p.normal_(0.0, 0.02, generator=gen)
+                    draw = torch.empty(p.shape, dtype=dtype, device=gen_device).normal_(0.0, 0.02, generator=gen)
+                    p.copy_(draw)
         return net.eval()
     cfg, state = _load_gguf(src.path) if src.kind == "gguf" else _load_hf(src.path)
     with torch.device("meta"):

@@ -152,5 +152,8 @@ def load_tokenizer(model: str) -> Tokenizer | None:
     if random_config(src.path).vocab_size == 49152:
         from services.engine.model_source import default_gguf_path
 
-        return _from_gguf(default_gguf_path())
+        try:
+            return _from_gguf(default_gguf_path())
+        except FileNotFoundError:
+            return None  # shapes-only use (e.g. a GPU box without the wheel): token ids still work
     return None
