@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -11,7 +12,7 @@ import grpc
 import httpx
 
 from kvmesh.status import collect_status
-from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.fixtures.mesh import wait_router_workers
 
 TOPICS = ["astronomy", "baking bread", "medieval history", "jazz piano", "sailing", "chess openings",
@@ -81,21 +82,35 @@ def test_busy_worker_does_not_receive_every_new_request(mesh):
     assert chosen.count(busy["worker"]) < len(chosen), (busy, chosen)
 
 
-async def test_sigkilled_worker_stops_receiving_requests_and_leaves_the_index(mesh):
+async def kvstore_workers(address: str) -> dict[str, int]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stats = await kvstore_pb2_grpc.KvStoreStub(channel).Stats(kvstore_pb2.KvStoreStatsRequest())
+    return {w.worker_id: w.blocks for w in stats.workers}
+
+
+async def test_sigkilled_worker_stops_receiving_requests_and_leaves_the_index(mesh, tokenizer):
     doomed = mesh.add_worker(9)
     wait_router_workers(mesh.kv_http, 3, timeout_s=180)
-    system = system_prompt("after the kill", "kill")
-    kvstore = next(r for r in await collect_status(mesh.etcd_endpoint, mesh.namespace) if r["kind"] == "kvstore")
-    served = [chat(mesh.kv_http, system_prompt(q, "kill"), q).headers["x-kvmesh-worker"] for q in ("1?", "2?", "3?")]
-    assert doomed in served, f"the new idle worker never got a fresh prompt: {served}"
+    rows = {r["id"]: r for r in await collect_status(mesh.etcd_endpoint, mesh.namespace)}
+    kvstore_address = rows[f"kvstore-{mesh.namespace}"]["address"]
+
+    # Warm a long prompt on the new worker directly; the router must then send it there.
+    system = system_prompt("doomed topic", "kill")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello?"}]
+    async with grpc.aio.insecure_channel(rows[doomed]["address"]) as channel:
+        warm = worker_pb2.WorkerGenerateRequest(request_id="warm", token_ids=tokenizer.encode_chat(messages),
+                                                sampling=common_pb2.SamplingParams(max_tokens=1))  # fmt: skip
+        _ = [r async for r in worker_pb2_grpc.WorkerStub(channel).Generate(warm)]
+    deadline = time.monotonic() + 5
+    while (await kvstore_workers(kvstore_address)).get(doomed, 0) < 10:
+        assert time.monotonic() < deadline, "the worker's KV events never reached the index"
+        await asyncio.sleep(0.1)
+    assert chat(mesh.kv_http, system, "Hello?").headers["x-kvmesh-worker"] == doomed
 
     os.kill(mesh.child(doomed).proc.pid, signal.SIGKILL)
     killed = time.monotonic()
     wait_router_workers(mesh.kv_http, 2, timeout_s=10)
-    assert time.monotonic() - killed < 3 + 1.5
-    for _ in range(4):
+    assert time.monotonic() - killed < 3 + 1.5  # lease TTL 3 s, plus the router's poll
+    for _ in range(3):
         assert chat(mesh.kv_http, system, "Still there?").headers["x-kvmesh-worker"] != doomed
-
-    async with grpc.aio.insecure_channel(kvstore["address"]) as channel:
-        stats = await kvstore_pb2_grpc.KvStoreStub(channel).Stats(kvstore_pb2.KvStoreStatsRequest())
-    assert doomed not in {w.worker_id for w in stats.workers}
+    assert doomed not in await kvstore_workers(kvstore_address)
