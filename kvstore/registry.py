@@ -70,6 +70,12 @@ local seq, prev, resync = ARGV[4], ARGV[5], ARGV[6] == '1'
 local meta = call('HMGET', KEYS[2], 'model', 'last_seq')
 local known_model, last = meta[1], meta[2]
 if known_model and known_model ~= model then return {'model', known_model} end
+-- An unknown worker past its first batch was purged (its lease lapsed) while it kept
+-- streaming: what it published before is gone, so only a full snapshot can help.
+if not known_model and not resync and seq ~= '0' and seq ~= '1' then
+  call('HINCRBY', KEYS[4], 'resyncs_requested', 1)
+  return {'unknown'}
+end
 if known_model and not resync and last ~= prev then
   if #seq < #last or (#seq == #last and seq <= last) then return {'stale', last} end
   call('HINCRBY', KEYS[4], 'resyncs_requested', 1)
@@ -241,7 +247,8 @@ class BlockRegistry:
     async def apply_batch(self, batch: KvEventBatch) -> PublishAck:
         """Apply one worker's batch atomically, or tell it to resync.
 
-        In order (seq = last_seq + 1), from an unknown worker, or marked ``resync``: applied,
+        In order (seq = last_seq + 1), a new worker's first batch (seq 0 or 1), or marked
+        ``resync``: applied,
         a resync batch first dropping everything the worker held. A gap: nothing applied,
         ``resync_required`` with the ``expected_seq``. A duplicate or older seq: nothing
         applied and no resync, so a retried batch is harmless. ``expected_seq`` is always
@@ -271,6 +278,8 @@ class BlockRegistry:
                 f"worker {batch.worker_id!r} publishes model {_text(detail[0])!r}, not {batch.model!r}; "
                 "a worker serving another model needs another worker_id"
             )
+        if status == "unknown":
+            return PublishAck(seq=seq, resync_required=True, expected_seq=1)
         if status == "gap":
             return PublishAck(seq=seq, resync_required=True, expected_seq=int(detail[0]) + 1)
         if status == "stale":

@@ -134,11 +134,15 @@ async def test_batches_larger_than_luas_unpack_limit_are_chunked(registry, redis
 # --- sequence tracking -----------------------------------------------------------------
 
 
-async def test_first_batch_of_an_unknown_worker_is_accepted_at_any_seq(registry):
+async def test_an_unknown_worker_past_its_first_batch_must_resync(registry):
+    """It was purged (lease lapsed) while it kept streaming: its earlier blocks are gone."""
     ack = await registry.apply_batch(batch("w1", 41, stored(block_hashes(SYSTEM_PROMPT))))
+    assert (ack.resync_required, ack.expected_seq) == (True, 1)
+    assert await registry.workers() == []
 
-    assert (ack.resync_required, ack.expected_seq) == (False, 42)
-    assert (await registry.workers())[0].last_seq == 41
+    ack = await registry.apply_batch(batch("w1", 42, stored(block_hashes(SYSTEM_PROMPT)), resync=True))
+    assert (ack.resync_required, ack.expected_seq) == (False, 43)
+    assert (await registry.workers())[0].last_seq == 42
 
 
 async def test_a_seq_gap_requests_a_resync_and_applies_nothing(registry, redis_client, namespace):
@@ -188,7 +192,7 @@ async def test_a_duplicate_or_old_seq_is_ignored_without_resync(registry):
 async def test_sequence_numbers_keep_full_uint64_precision(registry):
     # Doubles (Lua numbers) cannot tell 2^60 + 1 from 2^60 + 2: the index must.
     base = 2**60
-    await registry.apply_batch(batch("w1", base))
+    await registry.apply_batch(batch("w1", base, resync=True))
     assert not (await registry.apply_batch(batch("w1", base + 1))).resync_required
 
     ack = await registry.apply_batch(batch("w1", base + 3))
@@ -280,7 +284,7 @@ async def test_replies_are_read_with_a_decoding_client_too(redis_server, namespa
     client = aioredis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
     registry = BlockRegistry(client, namespace)
     chain = block_hashes(SYSTEM_PROMPT)
-    await registry.apply_batch(batch("w1", 3, stored(chain)))
+    await registry.apply_batch(batch("w1", 3, stored(chain), resync=True))
 
     assert await registry.find_matches(MODEL, chain) == [("w1", 4)]
     assert await registry.workers() == [RegisteredWorker("w1", MODEL, 4, 3)]
