@@ -47,8 +47,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
     group = num_heads // kv_heads
     k_pool = kv_layer[0].view(-1, kv_heads, head_dim)
     v_pool = kv_layer[1].view(-1, kv_heads, head_dim)
-    k_pool.index_copy_(0, meta.slot_mapping, k)
-    v_pool.index_copy_(0, meta.slot_mapping, v)
+    # The pool may be narrower than the activations (bf16 KV with fp32 compute).
+    k_pool.index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
+    v_pool.index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
     out = q.new_empty(num_tokens, num_heads, head_dim)
 
     b = meta.num_decode
@@ -56,8 +57,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
         slots = meta.decode_slots
         length = slots.shape[1]
         flat = slots.reshape(-1)
-        kk = k_pool.index_select(0, flat).view(b, length, kv_heads, head_dim).transpose(1, 2)
-        vv = v_pool.index_select(0, flat).view(b, length, kv_heads, head_dim).transpose(1, 2)
+        kk = k_pool.index_select(0, flat).view(b, length, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+        vv = v_pool.index_select(0, flat).view(b, length, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
         qq = q[:b].view(b, kv_heads, group, head_dim)
         scores = torch.matmul(qq, kk.transpose(2, 3)).float().mul_(scale).add_(meta.decode_bias)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
@@ -69,8 +70,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
         if chunk.context_slots is None:
             kk, vv = k[s : s + n], v[s : s + n]
         else:
-            kk = k_pool.index_select(0, chunk.context_slots)
-            vv = v_pool.index_select(0, chunk.context_slots)
+            kk = k_pool.index_select(0, chunk.context_slots).to(q.dtype)
+            vv = v_pool.index_select(0, chunk.context_slots).to(q.dtype)
         kk = kk.transpose(0, 1).unsqueeze(0)
         vv = vv.transpose(0, 1).unsqueeze(0)
         if chunk.num_context == n:

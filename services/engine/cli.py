@@ -40,7 +40,11 @@ def generate_main(argv: list[str] | None = None) -> int:
         return 2
     from services.engine.llm_engine import Engine
 
-    engine = Engine(config)
+    return run_generate(Engine(config), args, sampling)
+
+
+def run_generate(engine, args: argparse.Namespace, sampling: SamplingParams) -> int:
+    """The part of ``generate_main`` after the engine exists (tests pass a shared engine)."""
     tok = engine.tokenizer
     if tok is None:
         print("error: this model has no tokenizer", file=sys.stderr)

@@ -72,6 +72,7 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self._generate_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
         self._event_seq = 0
         self._kv_event_callback = kv_event_callback
@@ -302,7 +303,7 @@ class Engine:
         ids = []
         for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
             tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            rid = f"generate-{id(prompts)}-{i}"
+            rid = f"generate-{next(self._generate_ids)}-{i}"
             self.add_request(rid, tokens, sp)
             ids.append(rid)
         results = {rid: RequestOutput(rid, []) for rid in ids}

@@ -141,9 +141,30 @@ def random_config(preset: str) -> ModelConfig:
     return ModelConfig(name=f"random-{preset}", **RANDOM_PRESETS[preset])
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without either, CPU bf16 matmuls are emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_model(model: str, dtype: torch.dtype, device: torch.device,
                seed: int = 0) -> LlamaForCausalLM:
-    """Load weights and return the model in eval mode, on ``device``, in ``dtype``."""
+    """Load weights and return the model in eval mode, on ``device``, in ``dtype``.
+
+    bf16 on a CPU without bf16 instructions keeps weights (and the KV pool) in bf16 but
+    computes in fp32: same memory, about 4x the speed of emulated bf16 matmuls.
+    """
+    net = _load_weights(model, dtype, device, seed)
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        net.compute_dtype = torch.float32
+    return net
+
+
+def _load_weights(model: str, dtype: torch.dtype, device: torch.device, seed: int) -> LlamaForCausalLM:
     src: ModelSource = resolve(model)
     if src.kind == "random":
         with torch.device("meta"):

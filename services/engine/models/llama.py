@@ -19,7 +19,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Computed in float32 and cast back, as the reference implementation does.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -47,10 +47,20 @@ class LlamaForCausalLM(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        # Activations' dtype; differs from the weights' only for bf16 on CPUs without bf16
+        # instructions, where bf16 matmuls run ~5x slower than upcasting the weights to fp32.
+        self.compute_dtype: torch.dtype | None = None
 
     def init_rope(self, max_positions: int) -> None:
-        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        device = self.embed_tokens.weight.device
+        dtype = self.compute_dtype or self.embed_tokens.weight.dtype
         self.rope_cos, self.rope_sin = rope_tables(self.cfg, max_positions, dtype, device)
+
+    def _linear(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        bias = linear.bias
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        return F.linear(x, linear.weight.to(x.dtype), bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -61,23 +71,26 @@ class LlamaForCausalLM(nn.Module):
         cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
         sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
         x = self.embed_tokens(input_ids)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        lin = self._linear
         eps = cfg.rms_norm_eps
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, eps)
-            qkv = layer.qkv(h)
+            qkv = lin(h, layer.qkv)
             q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
             q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
             k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             attn = paged_attention(q, k, v, kv_cache[i], meta, self.scale)
-            x = x + layer.o_proj(attn)
+            x = x + lin(attn, layer.o_proj)
             h = rms_norm(x, layer.post_norm, eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            gate, up = lin(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + lin(F.silu(gate) * up, layer.down)
         return rms_norm(x, self.norm, eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return F.linear(hidden, self.lm_head.to(hidden.dtype)).float()
 
     @torch.no_grad()
     def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
