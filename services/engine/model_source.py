@@ -56,9 +56,11 @@ def resolve(model: str) -> ModelSource:
 @functools.lru_cache(maxsize=4)
 def gguf_reader(path: str):
     """Parsing a GGUF's metadata takes seconds (49k-token arrays); do it once per file and process."""
-    import gguf
+    # The defining module, not the package attribute: callers may patch ``gguf.GGUFReader``
+    # to route transformers through this cache.
+    from gguf.gguf_reader import GGUFReader
 
-    return gguf.GGUFReader(path)
+    return GGUFReader(path)
 
 
 @functools.lru_cache(maxsize=16)
