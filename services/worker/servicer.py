@@ -1,7 +1,9 @@
-"""The Worker gRPC service over one engine: Generate, Cancel and the Stats stream.
+"""The Worker gRPC service over one engine: Generate and Decode streams, Cancel, Stats.
 
-Disaggregated ``Prefill``/``Decode`` belong to the disaggregation work and answer
-UNIMPLEMENTED here.
+``Decode`` with a prefill address is the decode half of disaggregated serving (see
+``disagg.py``); the prefill half is the ``KvTransfer.PullBlocks`` service in
+``transfer_servicer.py``. The unary ``Worker.Prefill`` of the contract is not used by this
+pull design and answers UNIMPLEMENTED (the generated base class does that).
 """
 
 from __future__ import annotations
@@ -17,14 +19,20 @@ import grpc
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.llm_engine import NoFreeBlocksError
+from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
+from services.worker.disagg import TransferStats, pull_prefill
+from services.worker.kv_wire import TransferError
 
 log = logging.getLogger(__name__)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: AsyncEngine, worker_id: str, role: str, stats_interval_ms: int) -> None:
+    def __init__(self, engine: AsyncEngine, worker_id: str, role: str, stats_interval_ms: int,
+                 transfer_timeout_s: float = 60.0) -> None:  # fmt: skip
         self.engine = engine
+        self.transfer_timeout_s = transfer_timeout_s
+        self.transfers = TransferStats()
         self.worker_id = worker_id
         self.role = role
         self.model_id = engine.engine.model_id
@@ -38,6 +46,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Generate(
         self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        async for response in self._serve(request, context, prefill_address=""):
+            yield response
+
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        async for response in self._serve(request.request, context, prefill_address=request.prefill_address):
+            yield response
+
+    async def _serve(
+        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext, prefill_address: str
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         if request.model and request.model != self.model_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -54,11 +74,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._prompt_tokens += len(request.token_ids)
         self.live.add(request.request_id)
         try:
-            outputs = self.engine.generate(request.request_id, list(request.token_ids), sampling)
+            if prefill_address:
+                outputs = self._remote_prefill_outputs(request, sampling, prefill_address, started)
+            else:
+                outputs = self._local_outputs(request, sampling, started)
             async with contextlib.aclosing(outputs):
-                async for output in outputs:
-                    self._tokens_done += len(output.new_token_ids)
-                    yield output_to_proto(output, time.monotonic() - started)
+                async for response in outputs:
+                    self._tokens_done += len(response.token_ids)
+                    yield response
         except NoFreeBlocksError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineDeadError as exc:
@@ -68,6 +91,54 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             self.live.discard(request.request_id)
             self._changed.set()
+
+    async def _local_outputs(
+        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, started: float, **kv: object
+    ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        outputs = self.engine.generate(request.request_id, list(request.token_ids), sampling, **kv)
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield output_to_proto(output, time.monotonic() - started)
+
+    async def _remote_prefill_outputs(
+        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, prefill_address: str,
+        started: float,
+    ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        """Pull the prompt's KV and first token from the prefill worker, then decode here.
+
+        Anything wrong with the transfer (prefill worker gone, corrupt chunk, timeout) falls
+        back to prefilling locally: the client sees latency, never an error.
+        """
+        tokens = list(request.token_ids)
+        pulled = None
+        try:
+            skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
+            pulled = await pull_prefill(prefill_address, request, skip, self.transfer_timeout_s)
+            self.transfers.record(pulled)
+        except (grpc.aio.AioRpcError, TransferError) as exc:
+            log.warning("remote prefill of %s via %s failed (%s); prefilling locally",
+                        request.request_id, prefill_address, exc)  # fmt: skip
+            self.transfers.fallbacks += 1
+        if pulled is None:
+            async for response in self._local_outputs(request, sampling, started):
+                yield response
+            return
+        first = pulled.first_token
+        eos = first.token_id in self.engine.engine.eos_token_ids and not sampling.ignore_eos
+        done = "stop" if eos or first.token_id in sampling.stop_token_ids else (
+            "length" if sampling.max_tokens <= 1 else "")  # fmt: skip
+        response = worker_pb2.WorkerGenerateResponse(
+            request_id=request.request_id, token_ids=[first.token_id], finish_reason=done,
+            cached_tokens=pulled.cached_tokens, worker_time_s=time.monotonic() - started,
+            logprobs=[first] if sampling.logprobs else [],
+        )  # fmt: skip
+        yield response
+        if done:
+            return
+        kv = pulled.assembler.kv(tokens)
+        async for response in self._local_outputs(request, sampling, started, kv=kv, kv_first_block=skip,
+                                                  output_token_ids=[first.token_id]):  # fmt: skip
+            yield response
 
     async def Cancel(
         self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext
@@ -107,9 +178,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), interval_s)
             self._changed.clear()
-
-    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregated prefill is not built yet")
-
-    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregated decode is not built yet")

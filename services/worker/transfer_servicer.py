@@ -1,0 +1,37 @@
+"""The KvTransfer gRPC service: the prefill half of disaggregated serving."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
+from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.llm_engine import NoFreeBlocksError
+from services.worker.disagg import serve_prefill
+
+
+class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def PullBlocks(
+        self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[transfer_pb2.KvBlockChunk]:
+        if not request.HasField("request"):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "pulling cached blocks without a request to prefill is not built yet")  # fmt: skip
+        model = self.engine.engine.model_id
+        if request.request.model and request.request.model != model:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this worker serves {model}, not {request.request.model}")  # fmt: skip
+        try:
+            async for chunk in serve_prefill(self.engine, request):
+                yield chunk
+        except NoFreeBlocksError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
