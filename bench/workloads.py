@@ -57,10 +57,11 @@ def random_workload(n: int, seed: int, prompt_words: int = 120, max_tokens: int 
 
 def shared_prefix_workload(n: int, seed: int, groups: int = 4, system_words: int = 400,
                            question_words: int = 12, max_tokens: int = 32) -> list[Conversation]:  # fmt: skip
-    """G groups, each a long shared system prompt; short distinct questions, interleaved."""
+    """G groups, each a long shared system prompt; short distinct questions, groups in random
+    order (a fixed cycle would let round-robin line groups up with workers by accident)."""
     rng = random.Random(seed)
     systems = [f"Group {g}. " + _text(rng, system_words) for g in range(groups)]
-    return [Conversation(systems[i % groups], [_text(rng, question_words)], max_tokens) for i in range(n)]
+    return [Conversation(rng.choice(systems), [_text(rng, question_words)], max_tokens) for _ in range(n)]
 
 
 def multiturn_workload(n: int, seed: int, turns: int = 4, system_words: int = 150, turn_words: int = 40,

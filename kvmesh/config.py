@@ -117,9 +117,15 @@ class RouterSettings(ServiceSettings):
         default=0.0, metadata=_help("softmax temperature over costs; 0 = always the cheapest")
     )
     kvstore_timeout_ms: int = dataclasses.field(
-        default=50, metadata=_help("FindMatches deadline; past it the request is routed on load alone")
+        default=200, metadata=_help("FindMatches deadline; past it the request is routed on load alone")
     )
     max_prompt_bytes: int = dataclasses.field(default=4 * 1024 * 1024, metadata=_help("largest prompt accepted"))
+    max_local_prefill_tokens: int = dataclasses.field(
+        default=256, metadata=_help("disaggregated: a decode worker prefills locally below this many uncached tokens")
+    )
+    prefill_queue_limit: int = dataclasses.field(
+        default=8, metadata=_help("disaggregated: a prefill worker with this many waiting requests is saturated")
+    )
     request_timeout_s: float = dataclasses.field(default=600.0, metadata=_help("per-request deadline"))
 
     kind = "router"

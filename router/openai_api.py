@@ -22,6 +22,8 @@ from router.errors import RouterError, invalid
 from router.pipeline import Chunk, Generation, GenerationInput, RouterCore
 
 WORKER_HEADER = "x-kvmesh-worker"
+ROUTE_HEADER = "x-kvmesh-route"  # which path: kv, round_robin, disagg-remote, disagg-local, ...
+PREFILL_HEADER = "x-kvmesh-prefill-worker"
 
 
 def _error_response(exc: RouterError) -> JSONResponse:
@@ -270,7 +272,9 @@ def create_app(core: RouterCore) -> FastAPI:
             raise invalid("stream must be a boolean", "stream")
         generation = await core.open(generation_input)
         formatter = OpenAIFormatter(chat, body.get("model") or generation.model, core, generation)
-        headers = {WORKER_HEADER: generation.worker_id}
+        headers = {WORKER_HEADER: generation.worker_id, ROUTE_HEADER: generation.route.mode}
+        if generation.route.prefill_worker is not None:
+            headers[PREFILL_HEADER] = generation.route.prefill_worker.worker_id
         if stream:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
             return StreamingResponse(_stream_body(formatter, include_usage), media_type="text/event-stream",

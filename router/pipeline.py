@@ -22,7 +22,7 @@ from kvmesh.hashing import block_hashes
 from kvmesh_proto.v1 import common_pb2, worker_pb2
 from router.errors import RouterError, invalid
 from router.kv_index import KvIndexClient
-from router.scoring import Candidate, RoundRobin, choose_kv
+from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv
 from router.text_stream import TextStream
 from router.tokenizers import TokenizerCache
 from router.worker_pool import WorkerPool, WorkerState
@@ -57,10 +57,14 @@ class Chunk:
 
 @dataclass
 class RouteInfo:
+    """Where a request went and why (the mode names the path: kv, round_robin, random,
+    kv-load-only when the index was unreachable, disagg-remote / disagg-local)."""
+
     worker_id: str
     mode: str
     prefix_overlap: int
     prompt_blocks: int
+    prefill_worker: WorkerState | None = None
 
 
 class Generation:
@@ -205,6 +209,9 @@ class RouterCore:
     async def route(
         self, info: common_pb2.InstanceInfo, hashes: list[int], exclude: set[str]
     ) -> tuple[WorkerState, RouteInfo]:
+        decoders = [w for w in self.pool.candidates(info.model, ("decode",)) if w.worker_id not in exclude]
+        if decoders:
+            return await self._route_disaggregated(info, hashes, decoders)
         workers = [w for w in self.pool.candidates(info.model) if w.worker_id not in exclude]
         if not workers:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no live worker serves {info.model}")
@@ -216,17 +223,31 @@ class RouterCore:
             worker = self._rng.choice(workers)
             return worker, RouteInfo(worker.worker_id, mode, 0, len(hashes))
         overlaps = await self.kv_index.find_overlaps(info.model, hashes)
-        candidates = [
-            Candidate(w.worker_id, (overlaps or {}).get(w.worker_id, 0), w.active_blocks, w.waiting_requests)
-            for w in workers
-        ]
-        decision = choose_kv(
-            candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature, self._rng
-        )
+        decision = choose_kv(_candidates(workers, overlaps), len(hashes), self.settings.overlap_weight,
+                             self.settings.router_temperature, self._rng)  # fmt: skip
         route_mode = "kv" if overlaps is not None else "kv-load-only"
         return self.pool.workers[decision.worker_id], RouteInfo(
             decision.worker_id, route_mode, decision.prefix_overlap, len(hashes)
         )
+
+    async def _route_disaggregated(
+        self, info: common_pb2.InstanceInfo, hashes: list[int], decoders: list[WorkerState]
+    ) -> tuple[WorkerState, RouteInfo]:
+        """Decode worker by load then overlap; remote prefill only when worth a transfer."""
+        overlaps = await self.kv_index.find_overlaps(info.model, hashes)
+        decode = choose_decode(_candidates(decoders, overlaps), len(hashes), self._rng)
+        worker = self.pool.workers[decode.worker_id]
+        block_size = info.block_size or 16
+        uncached_tokens = (len(hashes) - decode.prefix_overlap) * block_size
+        prefills = [w for w in self.pool.candidates(info.model, ("prefill",))
+                    if w.waiting_requests < self.settings.prefill_queue_limit]  # fmt: skip
+        if uncached_tokens < self.settings.max_local_prefill_tokens or not prefills:
+            return worker, RouteInfo(worker.worker_id, "disagg-local", decode.prefix_overlap, len(hashes))
+        prefill = choose_kv(_candidates(prefills, overlaps), len(hashes), self.settings.overlap_weight,
+                            self.settings.router_temperature, self._rng)  # fmt: skip
+        route = RouteInfo(worker.worker_id, "disagg-remote", prefill.prefix_overlap, len(hashes),
+                          self.pool.workers[prefill.worker_id])  # fmt: skip
+        return worker, route
 
     # -- the request -----------------------------------------------------------------------
     async def open(self, request: GenerationInput) -> Generation:
@@ -243,7 +264,7 @@ class RouterCore:
         for _ in range(_MAX_ATTEMPTS):
             worker, route = await self.route(info, hashes, tried)
             worker.inflight[request_id] = len(hashes) + 1
-            call = worker.stub.Generate(worker_request, timeout=self.settings.request_timeout_s)
+            call = self._call(worker, route, worker_request)
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -254,6 +275,9 @@ class RouterCore:
                 last_error = exc.details() or "unavailable"
                 log.warning("worker %s unavailable before the first token (%s); retrying", worker.worker_id, last_error)
                 continue
+            finally:
+                if route.prefill_worker is not None:
+                    route.prefill_worker.finish(request_id)
             if first is grpc.aio.EOF:
                 worker.inflight.pop(request_id, None)
                 tried.add(worker.worker_id)
@@ -261,6 +285,20 @@ class RouterCore:
             text = TextStream(tokenizer.detokenizer(prompt), list(sampling.stop))
             return Generation(request_id, info.model, prompt, worker, call, first, text, route, info.block_size or 16)
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error})")
+
+    def _call(
+        self, worker: WorkerState, route: RouteInfo, request: worker_pb2.WorkerGenerateRequest
+    ) -> grpc.aio.UnaryStreamCall:
+        timeout = self.settings.request_timeout_s
+        if worker.info.role != "decode":
+            return worker.stub.Generate(request, timeout=timeout)
+        prefill_address = ""
+        if route.prefill_worker is not None:
+            # Counted on the prefill worker until the first token: that is its share of the work.
+            route.prefill_worker.inflight[request.request_id] = route.prompt_blocks
+            prefill_address = route.prefill_worker.info.address
+        return worker.stub.Decode(worker_pb2.DecodeRequest(request=request, prefill_address=prefill_address),
+                                  timeout=timeout)  # fmt: skip
 
     def _checked_sampling(
         self, sampling: common_pb2.SamplingParams, prompt_len: int, info: common_pb2.InstanceInfo
@@ -284,6 +322,11 @@ class RouterCore:
             )
         _check_sampling_ranges(checked)
         return checked
+
+
+def _candidates(workers: list[WorkerState], overlaps: dict[str, int] | None) -> list[Candidate]:
+    return [Candidate(w.worker_id, (overlaps or {}).get(w.worker_id, 0), w.active_blocks, w.waiting_requests)
+            for w in workers]  # fmt: skip
 
 
 def _check_sampling_ranges(sampling: common_pb2.SamplingParams) -> None:

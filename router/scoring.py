@@ -72,6 +72,25 @@ def choose_kv(
     return Decision(chosen.worker_id, costs[index], chosen.prefix_overlap, others[0] if others else None)
 
 
+def choose_decode(candidates: Sequence[Candidate], prompt_blocks: int, rng: random.Random | None = None) -> Decision:
+    """Disaggregated mode's decode worker: the least loaded, then the longest prefix held.
+
+    Decode is memory-bound and long-lived, so its load decides first; the overlap only
+    breaks ties (it spares the prefill worker's transfer of blocks already there).
+    """
+    if not candidates:
+        raise ValueError("no candidate workers")
+    rng = rng or random.Random()
+
+    def load(c: Candidate) -> int:
+        return c.active_blocks + c.waiting_requests * max(prompt_blocks, 1)
+
+    best = min((load(c), -c.prefix_overlap) for c in candidates)
+    chosen = rng.choice([c for c in candidates if (load(c), -c.prefix_overlap) == best])
+    others = sorted(load(c) for c in candidates if c is not chosen)
+    return Decision(chosen.worker_id, load(chosen), chosen.prefix_overlap, others[0] if others else None)
+
+
 class RoundRobin:
     """Cycles through the workers in a stable order, whatever joins or leaves."""
 

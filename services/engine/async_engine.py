@@ -96,7 +96,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, token_ids: Sequence[int], sampling: SamplingParams, *,
                        keep_kv: bool = False, kv: KvExport | None = None,
-                       output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+                       output_token_ids: Sequence[int] = (), kv_first_block: int = 0
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until it finishes. ValueError (bad input) is raised before
         the first output. With ``kv``, continue a sequence prefilled elsewhere."""
         self.engine.validate_request(token_ids, sampling)
@@ -111,7 +112,7 @@ class AsyncEngine:
                 add = lambda e: e.add_request(request_id, token_ids, sampling, keep_kv=keep_kv)  # noqa: E731
             else:
                 add = lambda e: e.add_request_with_kv(request_id, token_ids, sampling, kv,  # noqa: E731
-                                                      output_token_ids)
+                                                      output_token_ids, kv_first_block)
             await self.run(add)
             added = True
             while True:

@@ -103,6 +103,20 @@ class BlockManager:
         seq.block_hashes = hashes
         seq.num_computed_tokens = len(hashes) * bs
 
+    def cached_prefix_length(self, token_ids: list[int]) -> int:
+        """How many leading full blocks of ``token_ids`` this pool holds now (read-only)."""
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        parent: int | None = None
+        count = 0
+        for i in range((len(token_ids) - 1) // bs):
+            parent = block_hash(token_ids[i * bs : (i + 1) * bs], parent)
+            if parent not in self.hash_to_block:
+                break
+            count += 1
+        return count
+
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, total - len(seq.block_table))

@@ -217,11 +217,17 @@ class Engine:
             self.abort(request_id)
         return export
 
+    def cached_prefix_blocks(self, token_ids: Seq[int]) -> int:
+        """Leading full blocks of ``token_ids`` already in this pool: a KV import can skip them."""
+        return self.blocks.cached_prefix_length(list(token_ids))
+
     def add_request_with_kv(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams,
-                            kv: KvExport, output_token_ids: Seq[int] = ()) -> None:
+                            kv: KvExport, output_token_ids: Seq[int] = (), kv_first_block: int = 0) -> None:
         """Continue a sequence prefilled elsewhere: its prompt, the tokens already generated there
         (``output_token_ids``, counted against ``max_tokens``), and the KV of its first
-        ``kv.num_tokens`` tokens. Raises NoFreeBlocksError when the pool cannot take it now."""
+        ``kv.num_tokens`` tokens. ``kv`` may start at block ``kv_first_block`` when this pool
+        already holds the blocks before it (they are reused, not sent). Raises NoFreeBlocksError
+        when the pool cannot take it now, or when the blocks it was to reuse were evicted."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         ids = self.validate_request(prompt_token_ids, sampling)
@@ -234,15 +240,24 @@ class Engine:
         if not 0 < kv.num_tokens < len(tokens) or kv.token_ids != tokens[: kv.num_tokens]:
             raise ValueError("the KV does not cover a strict prefix of the request's tokens")
         bs = self.config.block_size
-        if kv.num_blocks != -(-kv.num_tokens // bs):
-            raise ValueError(f"{kv.num_blocks} KV blocks cannot hold {kv.num_tokens} tokens of {bs}")
+        if kv_first_block < 0 or kv_first_block + kv.num_blocks != -(-kv.num_tokens // bs):
+            raise ValueError(f"{kv_first_block} + {kv.num_blocks} KV blocks cannot hold {kv.num_tokens} tokens of {bs}")
         seq = self._new_sequence(request_id, tokens, len(ids), sampling, keep_kv=False)
         seq.admitted = True  # its prompt was computed elsewhere: no local prefix hit to count
-        if not self.blocks.allocate(seq, kv.num_tokens):
+        reused = 0
+        if kv_first_block:
+            self.blocks.match_prefix(seq)
+            reused = len(seq.block_table)
+            if reused < kv_first_block:
+                self.blocks.free(seq)
+                raise NoFreeBlocksError(f"{kv_first_block - reused} of the blocks to reuse were evicted meanwhile")
+        if not self.blocks.allocate(seq, kv.num_tokens - reused * bs):
+            self.blocks.free(seq)
             raise NoFreeBlocksError(f"the pool has {self.blocks.num_free} free blocks; "
                                     f"{kv.num_blocks} are needed")
         try:
-            write_blocks(self.runner.kv_cache, seq.block_table, kv.data)
+            # Blocks found here since the sender was asked are kept; only the rest is written.
+            write_blocks(self.runner.kv_cache, seq.block_table[reused:], kv.data[:, :, reused - kv_first_block:])
         except ValueError:
             self.blocks.free(seq)
             raise

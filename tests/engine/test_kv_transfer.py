@@ -56,3 +56,29 @@ def test_import_rejects_mismatched_kv(engine: Engine, decode_engine: Engine, tok
     for i in range(100):
         decode_engine.abort(f"fill-{i}")
     assert decode_engine.stats().blocks_used == 0
+
+
+def test_import_reuses_the_prefix_the_decode_pool_already_holds(engine: Engine, decode_engine: Engine, tokenizer):
+    """Only blocks after the decode side's cached prefix travel; the output is unchanged."""
+    shared = tokenizer.encode("Shared context about harbors and lanterns. " * 6)
+    prompt = shared + tokenizer.encode(" Now a question about copper meadows and quartz falcons?")
+    full = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    (local,) = engine.generate([prompt], full)
+    decode_engine.generate([shared], SamplingParams(temperature=0, max_tokens=1))  # cache the prefix in B
+
+    skip = decode_engine.cached_prefix_blocks(prompt)
+    assert skip == len(shared) // 16
+    engine.add_request("prefill-part", prompt, SamplingParams(temperature=0, max_tokens=1), keep_kv=True)
+    first = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            first += out.new_token_ids
+    kv = engine.export_kv("prefill-part")
+    tail = KvExport(kv.token_ids, kv.num_tokens, kv.block_hashes[skip:], kv.data[:, :, skip:])
+    decode_engine.add_request_with_kv("decode-part", prompt, full, tail, output_token_ids=first, kv_first_block=skip)
+    rest = []
+    while decode_engine.has_unfinished():
+        for out in decode_engine.step():
+            rest += out.new_token_ids
+    assert first + rest == local.new_token_ids
+    assert decode_engine.stats().blocks_used == 0

@@ -1,0 +1,133 @@
+"""Disaggregated serving on the real model: 1 prefill + 1 decode worker, KV pulled worker to worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from kvmesh.launcher import LocalStack, StackOptions
+from kvmesh.local_stores import free_port
+from services.engine.sampling_params import SamplingParams
+from tests.fixtures.mesh import WORKER_ENV, wait_router_workers
+
+WORDS = [
+    "harbor",
+    "lantern",
+    "copper",
+    "meadow",
+    "falcon",
+    "quartz",
+    "ember",
+    "velvet",
+    "granite",
+    "orbit",
+    "thunder",
+    "compass",
+]
+
+
+def long_text(seed: int, words: int) -> str:
+    return " ".join(WORDS[(seed * 7 + i * 5) % len(WORDS)] + str(i % 10) for i in range(words))
+
+
+@pytest.fixture(scope="module")
+def disagg(etcd_server, redis_server, tmp_path_factory) -> Iterator[LocalStack]:
+    options = StackOptions(
+        prefill=1, decode=1, namespace=f"dis{uuid.uuid4().hex[:6]}", etcd_endpoint=etcd_server.endpoint,
+        redis_url=f"redis://{redis_server.endpoint}/0", state_dir=tmp_path_factory.mktemp("disagg"),
+        grpc_port=free_port(), http_port=free_port(), ready_timeout_s=240, worker_env=WORKER_ENV,
+    )  # fmt: skip
+    stack = LocalStack(options)
+    stack.log_dir.mkdir(parents=True, exist_ok=True)
+    stack.start_services()
+    try:
+        stack.wait_healthy()
+        wait_router_workers(http(stack), 2)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def http(stack: LocalStack) -> str:
+    return f"http://127.0.0.1:{stack.options.http_port}"
+
+
+def complete(stack: LocalStack, prompt: str, max_tokens: int = 12, stream: bool = False) -> tuple[str, httpx.Headers]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if not stream:
+        response = httpx.post(f"{http(stack)}/v1/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"], response.headers
+    text = ""
+    with httpx.stream("POST", f"{http(stack)}/v1/completions", json=body, timeout=300) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                text += httpx.Response(200, content=line[6:]).json()["choices"][0]["text"]
+        return text, response.headers
+
+
+def decode_log(stack: LocalStack) -> str:
+    return next(c for c in stack.children if c.name.startswith("decode")).log_path.read_text()
+
+
+def expected(engine, tokenizer, prompt: str, max_tokens: int = 12) -> str:
+    (out,) = engine.generate([tokenizer.encode(prompt)], SamplingParams(temperature=0, max_tokens=max_tokens))
+    return tokenizer.decode(out.new_token_ids)
+
+
+def test_long_prompt_is_prefilled_remotely_and_matches_aggregated(disagg, engine, tokenizer):
+    prompt = long_text(1, 200)
+    text, headers = complete(disagg, prompt)
+    assert headers["x-kvmesh-route"] == "disagg-remote"
+    assert headers["x-kvmesh-prefill-worker"].startswith("prefill-")
+    assert headers["x-kvmesh-worker"].startswith("decode-")
+    assert text == expected(engine, tokenizer, prompt)
+    streamed, _ = complete(disagg, prompt + " again and again", stream=True)
+    assert streamed == expected(engine, tokenizer, prompt + " again and again")
+
+
+def test_prefix_cached_on_the_decode_side_is_not_sent_again(disagg, engine, tokenizer):
+    shared = long_text(2, 200)
+    first, _ = complete(disagg, shared)
+    # The decode worker now holds `shared`; a long new suffix still goes to the prefill worker,
+    # which sends only the blocks after the shared ones.
+    extended = shared + " " + long_text(3, 200)
+    text, headers = complete(disagg, extended)
+    assert headers["x-kvmesh-route"] == "disagg-remote"
+    assert text == expected(engine, tokenizer, extended)
+    assert first == expected(engine, tokenizer, shared)
+    pulls = [line for line in decode_log(disagg).splitlines() if "pulled" in line]
+    already_here = int(pulls[-1].split("; ")[1].split()[0])
+    assert already_here >= len(tokenizer.encode(shared)) // 16 - 1, pulls[-1]
+
+
+def test_short_uncached_part_is_prefilled_on_the_decode_worker(disagg, engine, tokenizer):
+    prompt = "The harbor at dawn was"
+    text, headers = complete(disagg, prompt)
+    assert headers["x-kvmesh-route"] == "disagg-local"
+    assert text == expected(engine, tokenizer, prompt)
+
+
+def test_prefill_worker_killed_mid_prefill_the_request_still_completes(disagg, engine, tokenizer):
+    prompt = long_text(4, 700)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        result["text"], result["headers"] = complete(disagg, prompt, max_tokens=8)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.3)  # the prefill worker is computing ~1,400 tokens
+    prefill = next(c for c in disagg.children if c.name.startswith("prefill"))
+    os.kill(prefill.proc.pid, signal.SIGKILL)
+    thread.join(300)
+    assert result["text"] == expected(engine, tokenizer, prompt, max_tokens=8)
+    assert "prefilling locally" in decode_log(disagg)

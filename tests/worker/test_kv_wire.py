@@ -1,0 +1,58 @@
+"""KV blocks on the wire: chunks reassemble bit-exactly; corrupt or disordered chunks are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine.kv_transfer import KvExport
+from services.worker.kv_wire import ChunkAssembler, TransferError, export_to_chunks
+
+LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 3, 7, 16, 2, 8
+
+
+def sample_export(dtype: torch.dtype = torch.bfloat16) -> KvExport:
+    data = torch.randn(LAYERS, 2, BLOCKS, BLOCK_SIZE, HEADS, DIM).to(dtype)
+    tokens = list(range(BLOCKS * BLOCK_SIZE - 5))
+    return KvExport(tokens, len(tokens), [1000 + i for i in range(BLOCKS - 1)] + [0], data)
+
+
+def finish(chunks: list, export: KvExport) -> list:
+    chunks[-1].last = True
+    chunks[-1].num_tokens = export.num_tokens
+    return chunks
+
+
+@pytest.mark.parametrize("first_block", [0, 3])
+def test_chunks_reassemble_bit_exactly_from_any_first_block(first_block):
+    export = sample_export()
+    chunks = finish(list(export_to_chunks(export, first_block, 2, "t1", "r1")), export)
+    assert len(chunks) == -(-(BLOCKS - first_block) // 2)
+    assembler = ChunkAssembler(first_block)
+    for chunk in chunks:
+        assembler.add(chunk)
+    kv = assembler.kv(export.token_ids)
+    assert torch.equal(kv.data.view(torch.uint8), export.data[:, :, first_block:].contiguous().view(torch.uint8))
+    assert kv.block_hashes == export.block_hashes[first_block:]
+    assert kv.num_tokens == export.num_tokens
+
+
+def test_a_corrupted_chunk_is_refused():
+    export = sample_export()
+    chunks = finish(list(export_to_chunks(export, 0, 4, "t1", "r1")), export)
+    chunks[1].data = bytes([chunks[1].data[0] ^ 0xFF]) + chunks[1].data[1:]
+    assembler = ChunkAssembler(0)
+    assembler.add(chunks[0])
+    with pytest.raises(TransferError, match="checksum"):
+        assembler.add(chunks[1])
+
+
+def test_out_of_order_and_incomplete_transfers_are_refused():
+    export = sample_export()
+    chunks = finish(list(export_to_chunks(export, 0, 2, "t1", "r1")), export)
+    with pytest.raises(TransferError, match="out of order"):
+        ChunkAssembler(0).add(chunks[1])
+    partial = ChunkAssembler(0)
+    partial.add(chunks[0])
+    with pytest.raises(TransferError, match="before its last chunk"):
+        partial.kv(export.token_ids)
