@@ -39,10 +39,12 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> list
 
 @pytest.mark.slow
 def test_up_status_and_clean_teardown(tmp_path: Path):
+    # The launcher is under test here, not the model (tests/e2e serve SmolLM2 through the same
+    # launcher): a seeded random tiny model keeps the worker's start-up to a second.
     state_dir = tmp_path / "state"
     grpc_port, http_port = free_port(), free_port()
     up = subprocess.Popen(
-        kvmesh("up", "--namespace", "smoke", "--state-dir", str(state_dir),
+        kvmesh("up", "--namespace", "smoke", "--state-dir", str(state_dir), "--model", "random:tiny",
                "--grpc-port", str(grpc_port), "--http-port", str(http_port)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
     )  # fmt: skip
