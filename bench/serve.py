@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 import uuid
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=0.0, help="conversations started per second; 0 = all at once")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--overhead", action="store_true", help="also measure router overhead on TTFT")
+    parser.add_argument("--disagg-compare", action="store_true",
+                        help="run the workloads on 2 aggregated workers, then on 1 prefill + 1 decode, and report "
+                             "KV transfer rate next to a raw loopback copy of the same bytes")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("bench/results/serve.json"), help="where to write results")
     return parser
@@ -180,14 +184,18 @@ def make_conversations(workload: str, n: int, seed: int, max_tokens: int) -> lis
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workloads = args.workload or ["shared-prefix", "multiturn"]
-    if not args.url and not args.compare:
-        print("give --url of a running router, or --compare kv,round_robin to start a stack", file=sys.stderr)
+    if not args.url and not args.compare and not args.disagg_compare:
+        print("give --url of a running router, --compare kv,round_robin or --disagg-compare", file=sys.stderr)
         return 2
     from services.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
     rows = []
-    if args.compare:
+    transfer = None
+    if args.disagg_compare:
+        rows, transfer = disagg_compare(workloads, args, tokenizer)
+        overhead = None
+    elif args.compare:
         from bench.stack import BenchStack
 
         modes = args.compare.split(",")
@@ -201,15 +209,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [run_one(args.url, "given", w, args, tokenizer, seed=args.seed) for w in workloads]
         overhead = None
     print_table(rows)
+    if transfer:
+        print(f"KV transfer: {transfer['pulls']} pulls, {transfer['mb']:.1f} MB, "
+              f"median {transfer['mb_per_s_p50']:.0f} MB/s on the wire; raw loopback socket copy of the same "
+              f"bytes: {transfer['loopback_mb_per_s']:.0f} MB/s ({transfer['ratio']:.0%})")
     if overhead:
         print(f"mesh overhead on TTFT (p50 of {overhead['samples']}): router {overhead['router_ttft_ms_p50']:.2f} ms, "
               f"direct worker {overhead['direct_ttft_ms_p50']:.2f} ms, "
               f"overhead {overhead['overhead_ms_p50']:.2f} ms")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                     "overhead": overhead}, indent=2))  # fmt: skip
+                                     "overhead": overhead, "transfer": transfer}, indent=2))  # fmt: skip
     print(f"results: {args.json}")
     return 0
+
+
+def disagg_compare(workloads: list[str], args: argparse.Namespace, tokenizer) -> tuple[list[dict], dict]:
+    """Same workloads, same total workers: 2 aggregated, then 1 prefill + 1 decode."""
+    from bench.stack import BenchStack
+
+    rows = []
+    with BenchStack(2, ["kv"]) as stack:
+        rows += [run_one(stack.http["kv"], "aggregated-2", w, args, tokenizer, seed=args.seed) for w in workloads]
+    with BenchStack(0, ["kv"], prefill=1, decode=1) as stack:
+        rows += [run_one(stack.http["kv"], "disagg-1p1d", w, args, tokenizer, seed=args.seed + 1) for w in workloads]
+        pulls = stack.transfer_log()
+    total = sum(size for size, _ in pulls)
+    rates = [size / seconds / 1e6 for size, seconds in pulls if seconds > 0]
+    loopback = loopback_mb_per_s(max((size for size, _ in pulls), default=1 << 20))
+    median = statistics.median(rates) if rates else 0.0
+    return rows, {"pulls": len(pulls), "mb": total / 1e6, "mb_per_s_p50": median,
+                  "loopback_mb_per_s": loopback, "ratio": median / loopback if loopback else 0.0}  # fmt: skip
+
+
+def loopback_mb_per_s(size: int, repeats: int = 5) -> float:
+    """A raw TCP copy of ``size`` bytes over 127.0.0.1: the ceiling a transfer is compared with."""
+    import socket
+    import threading
+
+    payload = bytes(size)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while conn.recv(1 << 20):
+                pass
+
+    rates = []
+    for _ in range(repeats):
+        thread = threading.Thread(target=sink)
+        thread.start()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            start = time.perf_counter()
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            thread.join()
+            rates.append(size / (time.perf_counter() - start) / 1e6)
+    server.close()
+    return statistics.median(rates)
 
 
 def run_one(url: str, mode: str, workload: str, args: argparse.Namespace, tokenizer, seed: int) -> dict:

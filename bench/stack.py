@@ -16,15 +16,16 @@ from kvmesh_proto.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2,
 
 
 class BenchStack:
-    def __init__(self, workers: int, modes: list[str], worker_env: dict[str, str] | None = None) -> None:
+    def __init__(self, workers: int, modes: list[str], worker_env: dict[str, str] | None = None,
+                 prefill: int = 0, decode: int = 0) -> None:  # fmt: skip
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
-        self.stack = LocalStack(StackOptions(workers=workers, namespace=self.namespace, grpc_port=free_port(),
-                                             http_port=free_port(), router_mode=modes[0],
-                                             worker_env=worker_env or {}))  # fmt: skip
+        self.stack = LocalStack(StackOptions(workers=workers, prefill=prefill, decode=decode,
+                                             namespace=self.namespace, grpc_port=free_port(), http_port=free_port(),
+                                             router_mode=modes[0], worker_env=worker_env or {}))  # fmt: skip
         self.modes = modes
         self.http: dict[str, str] = {}
         self.grpc: dict[str, str] = {}
-        self.workers = workers
+        self.workers = self.stack.options.workers + prefill + decode
 
     def __enter__(self) -> BenchStack:
         stack = self.stack
@@ -54,6 +55,18 @@ class BenchStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()
+
+    def transfer_log(self) -> list[tuple[int, float]]:
+        """(bytes, wire seconds) of every KV pull the decode workers logged."""
+        pulls = []
+        for child in self.stack.children:
+            if child.name.startswith("decode"):
+                for line in child.log_path.read_text().splitlines():
+                    if " pulled " in line:
+                        size = int(line.split("(")[1].split()[0])
+                        seconds = float(line.split("(wire ")[1].split("s)")[0])
+                        pulls.append((size, seconds))
+        return pulls
 
     async def measure_overhead(self, samples: int = 40) -> dict:
         """TTFT through the router vs straight to the worker that served it (same prompt, 1 token)."""

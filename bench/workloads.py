@@ -75,4 +75,14 @@ def multiturn_workload(n: int, seed: int, turns: int = 4, system_words: int = 15
     ]
 
 
-WORKLOADS = {"random": random_workload, "shared-prefix": shared_prefix_workload, "multiturn": multiturn_workload}
+def long_prompt_workload(n: int, seed: int, prompt_words: int = 1000, max_tokens: int = 64) -> list[Conversation]:
+    """Distinct ~1,500-token prompts: prefill-heavy traffic, where disaggregation should pay."""
+    return random_workload(n, seed, prompt_words=prompt_words, max_tokens=max_tokens)
+
+
+WORKLOADS = {
+    "random": random_workload,
+    "shared-prefix": shared_prefix_workload,
+    "multiturn": multiturn_workload,
+    "long": long_prompt_workload,
+}

@@ -39,6 +39,8 @@ class PulledPrefill:
     cached_tokens: int
     assembler: ChunkAssembler
     seconds: float
+    # From the first chunk's arrival to the last's: the wire's share (the rest is prefill compute).
+    transfer_seconds: float
 
 
 @dataclasses.dataclass
@@ -90,13 +92,16 @@ async def pull_prefill(
 ) -> PulledPrefill:
     """The decode worker's side: ask the prefill worker for the prompt's KV and first token."""
     started = time.monotonic()
+    first_chunk_at = None
     assembler = ChunkAssembler(skip_blocks)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=skip_blocks)  # fmt: skip
     async with insecure_channel(prefill_address) as channel:
         async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s):
+            first_chunk_at = first_chunk_at or time.monotonic()
             assembler.add(chunk)
     last = assembler.last
     if last is None:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "prefill stream ended early")
-    return PulledPrefill(last.first_token, "", last.cached_tokens, assembler, time.monotonic() - started)
+    done = time.monotonic()
+    return PulledPrefill(last.first_token, "", last.cached_tokens, assembler, done - started, done - first_chunk_at)

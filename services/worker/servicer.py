@@ -116,9 +116,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             pulled = await pull_prefill(prefill_address, request, skip, self.transfer_timeout_s)
             self.transfers.record(pulled)
             received = pulled.assembler
-            log.info("pulled %d blocks (%d bytes) of %s from %s in %.3fs; %d leading blocks were already here",
-                     received.next_block - skip, received.bytes_received, request.request_id, prefill_address,
-                     pulled.seconds, skip)  # fmt: skip
+            log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were already "
+                     "here", received.next_block - skip, received.bytes_received, request.request_id, prefill_address,
+                     pulled.seconds, pulled.transfer_seconds, skip)  # fmt: skip
         except (grpc.aio.AioRpcError, TransferError) as exc:
             log.warning("remote prefill of %s via %s failed (%s); prefilling locally",
                         request.request_id, prefill_address, exc)  # fmt: skip
