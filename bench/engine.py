@@ -157,7 +157,7 @@ def main():
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
     run(cfg["prompts"][:2])
-    res = {"tok_s_32_runs": [], "tok_s_128_runs": [], "ttft_cold_runs": [], "ttft_cached_runs": []}
+    res = {"tok_s_32_runs": [], "tok_s_128_runs": [], "ttft_cold_ms_runs": [], "ttft_cached_ms_runs": []}
     for _ in range(cfg["repeats"]):
         llm.reset_prefix_cache()
         res["tok_s_32_runs"].append(run(cfg["prompts"]))
@@ -172,7 +172,7 @@ def main():
                 llm.generate([TokensPrompt(prompt_token_ids=cfg["long"])], one, use_tqdm=False)
             t = time.perf_counter()
             llm.generate([TokensPrompt(prompt_token_ids=cfg["long"])], one, use_tqdm=False)
-            res["ttft_cached_runs" if cached else "ttft_cold_runs"].append((time.perf_counter() - t) * 1e3)
+            res["ttft_cached_ms_runs" if cached else "ttft_cold_ms_runs"].append((time.perf_counter() - t) * 1e3)
     for k in list(res):
         res[k[: -len("_runs")]] = statistics.median(res[k]) if res[k] else None
     print("KVMESH_RESULT " + json.dumps(res))
@@ -207,8 +207,7 @@ def bench_vllm(python: str | None, dtype: str, prompts, big, long, out_len: int,
     model_dir = write_hf_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "smollm2-hf"))
     cfg = {"model": model_dir, "dtype": dtype, "prompts": prompts, "big": big, "long": long,
            "out_len": out_len, "repeats": repeats}
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="all", OMP_NUM_THREADS=str(threads),
-               VLLM_CPU_KVCACHE_SPACE="2")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_KVCACHE_SPACE="2")
     script = os.path.join(os.path.dirname(model_dir), "vllm_run.py")
     with open(script, "w") as f:
         f.write(VLLM_SCRIPT)
@@ -241,26 +240,32 @@ def main(argv: list[str] | None = None) -> int:
               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
               "num_prompts": args.num_prompts, "big": args.big, "output_len": args.output_len,
               "long_prompt_tokens": len(long), "results": {}}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def save() -> None:  # after every engine, so an interrupted run still leaves its numbers
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+
     for dtype in args.dtypes.split(","):
         r = report["results"].setdefault(dtype, {})
         report.setdefault("loadavg", []).append([dtype, "start", os.getloadavg()[0]])
         print(f"[{dtype}] kvmesh ...", file=sys.stderr, flush=True)
         r["kvmesh"] = bench_kvmesh(dtype, prompts, big, long, args.output_len, args.repeats)
+        save()
         if not args.skip_hf:
             print(f"[{dtype}] transformers ...", file=sys.stderr, flush=True)
             r["transformers"] = bench_hf(dtype, prompts, [] if args.skip_hf_128 else big, long,
                                          args.output_len, args.repeats)
+            save()
         if args.vllm_python:
             print(f"[{dtype}] vLLM ...", file=sys.stderr, flush=True)
         r["vllm"] = bench_vllm(args.vllm_python, dtype, prompts, big, long, args.output_len, args.repeats,
                                args.threads)
     # Other processes on the box skew every number (OpenMP threads stall when a core is taken).
     report.setdefault("loadavg", []).append(["all", "end", os.getloadavg()[0]])
-    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                        f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    save()
     print_table(report)
     print(f"\nwrote {path}")
     return 0
