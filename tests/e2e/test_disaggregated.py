@@ -37,6 +37,10 @@ def long_text(seed: int, words: int) -> str:
     return " ".join(WORDS[(seed * 7 + i * 5) % len(WORDS)] + str(i % 10) for i in range(words))
 
 
+# Remote prefill from 64 uncached tokens on (default 256), so short prompts keep the suite fast.
+LOCAL_PREFILL_TOKENS = "64"
+
+
 @pytest.fixture(scope="module")
 def disagg(etcd_server, redis_server, tmp_path_factory) -> Iterator[LocalStack]:
     options = StackOptions(
@@ -46,7 +50,9 @@ def disagg(etcd_server, redis_server, tmp_path_factory) -> Iterator[LocalStack]:
     )  # fmt: skip
     stack = LocalStack(options)
     stack.log_dir.mkdir(parents=True, exist_ok=True)
-    stack.start_services()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KVMESH_MAX_LOCAL_PREFILL_TOKENS", LOCAL_PREFILL_TOKENS)  # read by the router only
+        stack.start_services()
     try:
         stack.wait_healthy()
         wait_router_workers(http(stack), 2)
@@ -84,7 +90,7 @@ def expected(engine, tokenizer, prompt: str, max_tokens: int = 12) -> str:
 
 
 def test_long_prompt_is_prefilled_remotely_and_matches_aggregated(disagg, engine, tokenizer):
-    prompt = long_text(1, 200)
+    prompt = long_text(1, 60)
     text, headers = complete(disagg, prompt)
     assert headers["x-kvmesh-route"] == "disagg-remote"
     assert headers["x-kvmesh-prefill-worker"].startswith("prefill-")
@@ -95,11 +101,11 @@ def test_long_prompt_is_prefilled_remotely_and_matches_aggregated(disagg, engine
 
 
 def test_prefix_cached_on_the_decode_side_is_not_sent_again(disagg, engine, tokenizer):
-    shared = long_text(2, 200)
+    shared = long_text(2, 60)
     first, _ = complete(disagg, shared)
     # The decode worker now holds `shared`; a long new suffix still goes to the prefill worker,
     # which sends only the blocks after the shared ones.
-    extended = shared + " " + long_text(3, 200)
+    extended = shared + " " + long_text(3, 60)
     text, headers = complete(disagg, extended)
     assert headers["x-kvmesh-route"] == "disagg-remote"
     assert text == expected(engine, tokenizer, extended)
@@ -117,7 +123,7 @@ def test_short_uncached_part_is_prefilled_on_the_decode_worker(disagg, engine, t
 
 
 def test_prefill_worker_killed_mid_prefill_the_request_still_completes(disagg, engine, tokenizer):
-    prompt = long_text(4, 700)
+    prompt = long_text(4, 500)
     result: dict[str, object] = {}
 
     def run() -> None:
@@ -125,7 +131,7 @@ def test_prefill_worker_killed_mid_prefill_the_request_still_completes(disagg, e
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.3)  # the prefill worker is computing ~1,400 tokens
+    time.sleep(0.3)  # the prefill worker is computing ~1,000 tokens
     prefill = next(c for c in disagg.children if c.name.startswith("prefill"))
     os.kill(prefill.proc.pid, signal.SIGKILL)
     thread.join(300)
