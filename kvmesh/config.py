@@ -88,6 +88,7 @@ class WorkerSettings(ServiceSettings):
     kv_cache_blocks: int = dataclasses.field(default=0, metadata=_help("KV blocks in the pool; 0 = engine default"))
     max_num_seqs: int = dataclasses.field(default=0, metadata=_help("concurrent sequences; 0 = engine default"))
     max_model_len: int = dataclasses.field(default=0, metadata=_help("context length; 0 = the model's"))
+    num_threads: int = dataclasses.field(default=0, metadata=_help("torch threads; 0 = torch's default"))
     stats_interval_ms: int = dataclasses.field(default=200, metadata=_help("load report period"))
     event_flush_ms: int = dataclasses.field(default=20, metadata=_help("how long KV events are batched"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -127,9 +128,17 @@ class LocalStack:
         args = ["--role", role, "--engine", self.options.engine]
         if self.options.model:
             args += ["--model", self.options.model]
-        env = {**self.options.worker_env, **(env or {})}
+        env = {**self._thread_share(), **self.options.worker_env, **(env or {})}
         self.spawn(f"{role}-{index}", instance_id, "services.worker.server", args, env)
         return instance_id
+
+    def _thread_share(self) -> dict[str, str]:
+        """Workers sharing one machine split its cores: two OpenMP pools contending for the same
+        cores run several times slower than each on its own share."""
+        if "KVMESH_NUM_THREADS" in os.environ:
+            return {}
+        workers = max(self.options.workers + self.options.prefill + self.options.decode, 1)
+        return {"KVMESH_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
     def add_router(self, name: str, mode: str, grpc_port: int, http_port: int) -> str:
         instance_id = f"{name}-{self.options.namespace}"

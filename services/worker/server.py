@@ -34,6 +34,8 @@ def engine_config(settings: WorkerSettings) -> EngineConfig:
         extra["max_num_seqs"] = settings.max_num_seqs
     if settings.max_model_len:
         extra["max_model_len"] = settings.max_model_len
+    if settings.num_threads:
+        extra["num_threads"] = settings.num_threads
     return EngineConfig(model=settings.model or DEFAULT_MODEL, dtype=settings.dtype, device=settings.device,
                         block_size=settings.block_size, **extra)  # type: ignore[arg-type]
 
