@@ -89,6 +89,17 @@ def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def _start_listening(name: str, cmd: list[str], host: str, port: int, log_path: Path) -> StoreProcess:
+    """Spawn a store and wait until it accepts connections (killing it if it never does)."""
+    store = StoreProcess(name, _spawn(cmd, log_path), host, port, log_path)
+    try:
+        wait_for_port(host, port, 20.0, store.proc)
+    except Exception:
+        store.kill()
+        raise
+    return store
+
+
 def start_etcd(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.0.0.1") -> StoreProcess:
     """One-member etcd cluster with its data in data_dir (reused on restart: same data, same port)."""
     port = port or free_port(host)
@@ -105,14 +116,7 @@ def start_etcd(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.0
         "--initial-cluster", f"kvmesh=http://{host}:{peer_port}",
         "--log-level", "warn",
     ]  # fmt: skip
-    proc = _spawn(cmd, log_path)
-    store = StoreProcess("etcd", proc, host, port, log_path)
-    try:
-        wait_for_port(host, port, 20.0, proc)
-    except Exception:
-        store.kill()
-        raise
-    return store
+    return _start_listening("etcd", cmd, host, port, log_path)
 
 
 def start_redis(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.0.0.1") -> StoreProcess:
@@ -128,14 +132,7 @@ def start_redis(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.
         "--appendonly", "no",
         "--protected-mode", "no",
     ]  # fmt: skip
-    proc = _spawn(cmd, log_path)
-    store = StoreProcess("redis", proc, host, port, log_path)
-    try:
-        wait_for_port(host, port, 20.0, proc)
-    except Exception:
-        store.kill()
-        raise
-    return store
+    return _start_listening("redis", cmd, host, port, log_path)
 
 
 def terminate_all(stores: list[StoreProcess]) -> None:

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
-from services.engine.async_engine import AsyncEngine, EngineDeadError
-from services.engine.llm_engine import NoFreeBlocksError
+from services.engine.async_engine import AsyncEngine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
 from services.worker.disagg import TransferStats, pull_prefill
+from services.worker.errors import engine_errors_as_status
 from services.worker.kv_wire import TransferError
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 outputs = self._remote_prefill_outputs(request, sampling, prefill_address, started)
             else:
                 outputs = self._local_outputs(request, sampling, started)
-            async with contextlib.aclosing(outputs):
+            async with engine_errors_as_status(context), contextlib.aclosing(outputs):
                 async for response in outputs:
                     self._tokens_done += len(response.token_ids)
                     yield response
-        except NoFreeBlocksError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             self.live.discard(request.request_id)
             self._changed.set()

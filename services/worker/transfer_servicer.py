@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
-from services.engine.async_engine import AsyncEngine, EngineDeadError
-from services.engine.llm_engine import NoFreeBlocksError
+from services.engine.async_engine import AsyncEngine
 from services.worker.disagg import serve_prefill
+from services.worker.errors import engine_errors_as_status
 
 
 class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
@@ -26,12 +26,6 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
         if request.request.model and request.request.model != model:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"this worker serves {model}, not {request.request.model}")  # fmt: skip
-        try:
+        async with engine_errors_as_status(context):
             async for chunk in serve_prefill(self.engine, request):
                 yield chunk
-        except NoFreeBlocksError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
