@@ -7,7 +7,6 @@ import time
 import uuid
 
 import grpc
-import httpx
 
 from kvmesh.discovery import Discovery
 from kvmesh.launcher import LocalStack, StackOptions
@@ -39,19 +38,8 @@ class BenchStack:
             self.http[mode], self.grpc[mode] = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         stack.wait_healthy()
         for url in self.http.values():
-            self._wait_workers(url)
+            stack.wait_router_workers(url, self.workers)
         return self
-
-    def _wait_workers(self, url: str, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json().get("workers") == self.workers:
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"router {url} never saw {self.workers} workers")
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()

@@ -17,12 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmesh.discovery import Discovery
-from kvmesh.grpc_service import check_health
 from kvmesh.local_stores import StoreProcess, child_env, free_port, start_etcd, start_redis
+from kvmesh.status import collect_status
 
 STATE_FILE = "stack.json"
 _PR_SET_PDEATHSIG = 1
@@ -160,17 +161,27 @@ class LocalStack:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
     async def _healthy_ids(self) -> set[str]:
-        discovery = Discovery(self.etcd_endpoint, self.options.namespace)
-        try:
-            instances = await discovery.list()
-        finally:
-            await discovery.close()
-        wanted = [info for info in instances.values() if info.instance_id in self._child_ids()]
-        checks = await asyncio.gather(*(check_health(info.address) for info in wanted))
-        return {info.instance_id for info, ok in zip(wanted, checks, strict=True) if ok}
+        rows = await collect_status(self.etcd_endpoint, self.options.namespace)
+        return {row["id"] for row in rows if row["healthy"]}
 
     def _child_ids(self) -> set[str]:
         return {child.instance_id for child in self.children}
+
+    def wait_router_workers(self, http_base: str, count: int, timeout_s: float = 120) -> None:
+        """Block until the router at ``http_base`` reports ``count`` live workers on /health."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{http_base}/health", timeout=2) as response:
+                    if json.load(response).get("workers") == count:
+                        return
+            except urllib.error.HTTPError as exc:  # 503 while it has no worker
+                if json.load(exc).get("workers") == count:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"router at {http_base} never saw {count} workers")
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.options.ready_timeout_s

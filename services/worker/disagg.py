@@ -35,7 +35,6 @@ class PulledPrefill:
     """What a decode worker got from a prefill worker."""
 
     first_token: common_pb2.TokenLogprob
-    finish_reason: str
     cached_tokens: int
     assembler: ChunkAssembler
     seconds: float
@@ -104,4 +103,4 @@ async def pull_prefill(
     if last is None:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "prefill stream ended early")
     done = time.monotonic()
-    return PulledPrefill(last.first_token, "", last.cached_tokens, assembler, done - started, done - first_chunk_at)
+    return PulledPrefill(last.first_token, last.cached_tokens, assembler, done - started, done - first_chunk_at)

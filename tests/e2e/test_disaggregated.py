@@ -15,7 +15,7 @@ import pytest
 from kvmesh.launcher import LocalStack, StackOptions
 from kvmesh.local_stores import free_port
 from services.engine.sampling_params import SamplingParams
-from tests.fixtures.mesh import WORKER_ENV, wait_router_workers
+from tests.fixtures.mesh import WORKER_ENV
 
 WORDS = [
     "harbor",
@@ -55,7 +55,7 @@ def disagg(etcd_server, redis_server, tmp_path_factory) -> Iterator[LocalStack]:
         stack.start_services()
     try:
         stack.wait_healthy()
-        wait_router_workers(http(stack), 2)
+        stack.wait_router_workers(http(stack), 2)
         yield stack
     finally:
         stack.stop()

@@ -13,7 +13,6 @@ import httpx
 
 from kvmesh.status import collect_status
 from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.fixtures.mesh import wait_router_workers
 
 TOPICS = ["astronomy", "baking bread", "medieval history", "jazz piano", "sailing", "chess openings",
           "beekeeping", "volcanoes", "origami", "tax law", "mountain birds", "espresso"]  # fmt: skip
@@ -90,7 +89,7 @@ async def kvstore_workers(address: str) -> dict[str, int]:
 
 async def test_sigkilled_worker_stops_receiving_requests_and_leaves_the_index(mesh, tokenizer):
     doomed = mesh.add_worker(9)
-    wait_router_workers(mesh.kv_http, 3, timeout_s=180)
+    mesh.stack.wait_router_workers(mesh.kv_http, 3, timeout_s=180)
     rows = {r["id"]: r for r in await collect_status(mesh.etcd_endpoint, mesh.namespace)}
     kvstore_address = rows[f"kvstore-{mesh.namespace}"]["address"]
 
@@ -109,7 +108,7 @@ async def test_sigkilled_worker_stops_receiving_requests_and_leaves_the_index(me
 
     os.kill(mesh.child(doomed).proc.pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_router_workers(mesh.kv_http, 2, timeout_s=10)
+    mesh.stack.wait_router_workers(mesh.kv_http, 2, timeout_s=10)
     assert time.monotonic() - killed < 3 + 1.5  # lease TTL 3 s, plus the router's poll
     for _ in range(3):
         assert chat(mesh.kv_http, system, "Still there?").headers["x-kvmesh-worker"] != doomed

@@ -11,18 +11,28 @@ def decode_engine() -> Engine:
     return Engine(EngineConfig(num_kv_blocks=64))
 
 
+def run_to_completion(engine: Engine) -> list[int]:
+    tokens = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+    return tokens
+
+
+def prefill_and_export(engine: Engine, request_id: str, prompt: list[int]) -> tuple[list[int], KvExport]:
+    """Prefill ``prompt`` and sample its first token, then export (and release) its KV."""
+    engine.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=1), keep_kv=True)
+    first = run_to_completion(engine)
+    return first, engine.export_kv(request_id)
+
+
 def test_prefill_export_import_decode_matches_local_decode(engine: Engine, decode_engine: Engine,
                                                            reference_prompt_ids):
     prompt = reference_prompt_ids[6]
     full = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     (local,) = engine.generate([prompt], full)
 
-    engine.add_request("prefill", prompt, SamplingParams(temperature=0, max_tokens=1), keep_kv=True)
-    first = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            first += out.new_token_ids
-    kv = engine.export_kv("prefill")
+    first, kv = prefill_and_export(engine, "prefill", prompt)
     assert kv.num_tokens == len(prompt) and kv.token_ids == prompt
     assert kv.data.shape[2] == -(-len(prompt) // 16)
     assert kv.block_hashes[-1] == 0 or len(prompt) % 16 == 0
@@ -32,10 +42,7 @@ def test_prefill_export_import_decode_matches_local_decode(engine: Engine, decod
     wire = KvExport(kv.token_ids, kv.num_tokens, kv.block_hashes,
                     tensor_from_bytes(tensor_to_bytes(kv.data), kv.dtype, list(kv.data.shape)))
     decode_engine.add_request_with_kv("decode", prompt, full, wire, output_token_ids=first)
-    rest = []
-    while decode_engine.has_unfinished():
-        for out in decode_engine.step():
-            rest += out.new_token_ids
+    rest = run_to_completion(decode_engine)
     assert first + rest == local.new_token_ids
     assert decode_engine.stats().blocks_used == 0
 
@@ -68,17 +75,9 @@ def test_import_reuses_the_prefix_the_decode_pool_already_holds(engine: Engine, 
 
     skip = decode_engine.cached_prefix_blocks(prompt)
     assert skip == len(shared) // 16
-    engine.add_request("prefill-part", prompt, SamplingParams(temperature=0, max_tokens=1), keep_kv=True)
-    first = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            first += out.new_token_ids
-    kv = engine.export_kv("prefill-part")
+    first, kv = prefill_and_export(engine, "prefill-part", prompt)
     tail = KvExport(kv.token_ids, kv.num_tokens, kv.block_hashes[skip:], kv.data[:, :, skip:])
     decode_engine.add_request_with_kv("decode-part", prompt, full, tail, output_token_ids=first, kv_first_block=skip)
-    rest = []
-    while decode_engine.has_unfinished():
-        for out in decode_engine.step():
-            rest += out.new_token_ids
+    rest = run_to_completion(decode_engine)
     assert first + rest == local.new_token_ids
     assert decode_engine.stats().blocks_used == 0
