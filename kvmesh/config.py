@@ -91,6 +91,10 @@ class WorkerSettings(ServiceSettings):
     num_threads: int = dataclasses.field(default=0, metadata=_help("torch threads; 0 = torch's default"))
     stats_interval_ms: int = dataclasses.field(default=200, metadata=_help("load report period"))
     event_flush_ms: int = dataclasses.field(default=20, metadata=_help("how long KV events are batched"))
+    prefill_chunk_tokens: int = dataclasses.field(default=256, metadata=_help(
+        "disaggregated prefill: prompt tokens per engine step, finished blocks sent meanwhile; 0 = whole prompt"))
+    transfer_timeout_s: float = dataclasses.field(default=60.0, metadata=_help(
+        "decode worker: give up a KV pull after this long (then the next prefill worker, or prefill locally)"))
 
     kind = "worker"
 
@@ -102,6 +106,8 @@ class WorkerSettings(ServiceSettings):
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.block_size <= 0 or self.stats_interval_ms <= 0 or self.event_flush_ms < 0:
             raise ValueError("block_size and stats_interval_ms must be positive, event_flush_ms >= 0")
+        if self.prefill_chunk_tokens < 0 or self.transfer_timeout_s <= 0:
+            raise ValueError("prefill_chunk_tokens must be >= 0 and transfer_timeout_s positive")
 
 
 @dataclasses.dataclass

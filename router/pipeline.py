@@ -22,7 +22,7 @@ from kvmesh.hashing import block_hashes
 from kvmesh_proto.v1 import common_pb2, worker_pb2
 from router.errors import RouterError, invalid
 from router.kv_index import KvIndexClient
-from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv
+from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv, rank_by_cost
 from router.text_stream import TextStream
 from router.tokenizers import TokenizerCache
 from router.worker_pool import WorkerPool, WorkerState
@@ -65,6 +65,8 @@ class RouteInfo:
     prefix_overlap: int
     prompt_blocks: int
     prefill_worker: WorkerState | None = None
+    # The other prefill workers, best first: the decode worker pulls from them if the first fails.
+    fallback_prefill_workers: list[WorkerState] = field(default_factory=list)
 
 
 class Generation:
@@ -243,10 +245,13 @@ class RouterCore:
                     if w.waiting_requests < self.settings.prefill_queue_limit]  # fmt: skip
         if uncached_tokens < self.settings.max_local_prefill_tokens or not prefills:
             return worker, RouteInfo(worker.worker_id, "disagg-local", decode.prefix_overlap, len(hashes))
-        prefill = choose_kv(_candidates(prefills, overlaps), len(hashes), self.settings.overlap_weight,
-                            self.settings.router_temperature, self._rng)  # fmt: skip
+        candidates = _candidates(prefills, overlaps)
+        prefill = choose_kv(candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature,
+                            self._rng)  # fmt: skip
+        others = rank_by_cost([c for c in candidates if c.worker_id != prefill.worker_id], len(hashes),
+                              self.settings.overlap_weight)  # fmt: skip
         route = RouteInfo(worker.worker_id, "disagg-remote", prefill.prefix_overlap, len(hashes),
-                          self.pool.workers[prefill.worker_id])  # fmt: skip
+                          self.pool.workers[prefill.worker_id], [self.pool.workers[w] for w in others])  # fmt: skip
         return worker, route
 
     # -- the request -----------------------------------------------------------------------
@@ -297,8 +302,10 @@ class RouterCore:
             # Counted on the prefill worker until the first token: that is its share of the work.
             route.prefill_worker.inflight[request.request_id] = route.prompt_blocks
             prefill_address = route.prefill_worker.info.address
-        return worker.stub.Decode(worker_pb2.DecodeRequest(request=request, prefill_address=prefill_address),
-                                  timeout=timeout)  # fmt: skip
+        fallbacks = [w.info.address for w in route.fallback_prefill_workers]
+        decode = worker_pb2.DecodeRequest(request=request, prefill_address=prefill_address,
+                                          fallback_prefill_addresses=fallbacks)  # fmt: skip
+        return worker.stub.Decode(decode, timeout=timeout)
 
     def _checked_sampling(
         self, sampling: common_pb2.SamplingParams, prompt_len: int, info: common_pb2.InstanceInfo

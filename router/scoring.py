@@ -72,6 +72,11 @@ def choose_kv(
     return Decision(chosen.worker_id, costs[index], chosen.prefix_overlap, others[0] if others else None)
 
 
+def rank_by_cost(candidates: Sequence[Candidate], prompt_blocks: int, overlap_weight: float = 1.0) -> list[str]:
+    """Worker ids, cheapest first: where to go next when the chosen worker fails."""
+    return [c.worker_id for c in sorted(candidates, key=lambda c: worker_cost(c, prompt_blocks, overlap_weight))]
+
+
 def choose_decode(candidates: Sequence[Candidate], prompt_blocks: int, rng: random.Random | None = None) -> Decision:
     """Disaggregated mode's decode worker: the least loaded, then the longest prefix held.
 

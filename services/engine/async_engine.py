@@ -34,6 +34,8 @@ class AsyncEngine:
         self._cv = threading.Condition()
         self._calls: list[tuple[Callable[[], Any], Future]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # Per-request callbacks run on this thread after every step (touched only by it).
+        self._step_hooks: dict[str, Callable[[Engine], None]] = {}
         self._stopped = False
         self._error: BaseException | None = None
         self.last_stats: EngineStats = engine.stats()
@@ -60,7 +62,9 @@ class AsyncEngine:
                     except BaseException as exc:  # handed to the caller, not fatal here
                         fut.set_exception(exc)
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
+                    outputs = self.engine.step()
+                    self._run_step_hooks()
+                    for out in outputs:
                         self._deliver(out.request_id, out)
                 self.last_stats = self.engine.stats()
         except BaseException as exc:
@@ -72,6 +76,16 @@ class AsyncEngine:
                     fut.set_exception(EngineDeadError(f"engine failed: {exc!r}"))
                 self._calls = []
             raise
+
+    def _run_step_hooks(self) -> None:
+        """Before the step's outputs are delivered, so a hook's work is queued ahead of them."""
+        for request_id, hook in list(self._step_hooks.items()):
+            try:
+                hook(self.engine)
+            except Exception as exc:  # the hook's request fails, not the engine
+                self._step_hooks.pop(request_id, None)
+                self.engine.abort(request_id)
+                self._deliver(request_id, exc)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
@@ -96,10 +110,13 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, token_ids: Sequence[int], sampling: SamplingParams, *,
                        keep_kv: bool = False, kv: KvExport | None = None,
-                       output_token_ids: Sequence[int] = (), kv_first_block: int = 0
+                       output_token_ids: Sequence[int] = (), kv_first_block: int = 0,
+                       max_tokens_per_step: int = 0, on_step: Callable[[Engine], None] | None = None,
                        ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until it finishes. ValueError (bad input) is raised before
-        the first output. With ``kv``, continue a sequence prefilled elsewhere."""
+        the first output. With ``kv``, continue a sequence prefilled elsewhere. ``on_step`` runs
+        on the engine thread after each step while the request lives (e.g. to export its
+        newly finished blocks); if it raises, the request is aborted with that error."""
         self.engine.validate_request(token_ids, sampling)
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
@@ -108,11 +125,16 @@ class AsyncEngine:
         self._streams[request_id] = (loop, queue)
         finished = added = False
         try:
-            if kv is None:
-                add = lambda e: e.add_request(request_id, token_ids, sampling, keep_kv=keep_kv)  # noqa: E731
-            else:
-                add = lambda e: e.add_request_with_kv(request_id, token_ids, sampling, kv,  # noqa: E731
-                                                      output_token_ids, kv_first_block)
+
+            def add(e: Engine) -> None:
+                if kv is None:
+                    e.add_request(request_id, token_ids, sampling, keep_kv=keep_kv,
+                                  max_tokens_per_step=max_tokens_per_step)
+                else:
+                    e.add_request_with_kv(request_id, token_ids, sampling, kv, output_token_ids, kv_first_block)
+                if on_step is not None:
+                    self._step_hooks[request_id] = on_step
+
             await self.run(add)
             added = True
             while True:
@@ -126,9 +148,14 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if added and not finished and not self._stopped and self._error is None:
-                # The consumer went away: free the request's blocks now.
-                self.call(lambda e: e.abort(request_id))
+            if added and (on_step or not finished) and not self._stopped and self._error is None:
+                # A consumer that went away frees the request's blocks now.
+                self.call(lambda e: self._forget(request_id, abort=not finished))
+
+    def _forget(self, request_id: str, abort: bool) -> None:
+        self._step_hooks.pop(request_id, None)
+        if abort:
+            self.engine.abort(request_id)
 
     async def abort(self, request_id: str) -> bool:
         return await self.run(lambda e: e.abort(request_id))

@@ -17,15 +17,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class KvExport:
-    """The computed KV of a sequence's first ``num_tokens`` tokens.
+    """The computed KV of a sequence's first ``num_tokens`` tokens, from block ``first_block`` on.
 
-    ``block_hashes[i]`` names block i (0 for a trailing partial block, which has no name).
+    ``data[:, :, i]`` and ``block_hashes[i]`` are block ``first_block + i`` (hash 0 for a
+    trailing partial block, which has no name).
     """
 
     token_ids: list[int]
     num_tokens: int
     block_hashes: list[int]
     data: torch.Tensor
+    first_block: int = 0
 
     @property
     def dtype(self) -> str:

@@ -99,14 +99,18 @@ class Engine:
         return ids
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams,
-                    *, keep_kv: bool = False) -> None:
-        """Queue a request. ``keep_kv`` holds its blocks after it finishes, for ``export_kv``."""
+                    *, keep_kv: bool = False, max_tokens_per_step: int = 0) -> None:
+        """Queue a request. ``keep_kv`` holds its blocks after it finishes, for ``export_kv``;
+        ``max_tokens_per_step`` (0 = no cap) prefills it in steps of at most that many tokens."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         ids = self.validate_request(prompt_token_ids, sampling)
+        if max_tokens_per_step < 0:
+            raise ValueError(f"max_tokens_per_step must be >= 0, got {max_tokens_per_step}")
         seq = self._new_sequence(request_id, ids, len(ids), sampling, keep_kv)
+        seq.max_tokens_per_step = max_tokens_per_step
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -203,16 +207,20 @@ class Engine:
         return text[sent:], False
 
     # --- KV export / import (disaggregated prefill) -----------------------------------------
-    def export_kv(self, request_id: str, release: bool = True) -> KvExport:
-        """The computed KV of a request (running, or finished with ``keep_kv``). ``release`` then
-        drops the request and frees its blocks (full ones stay cached)."""
+    def export_kv(self, request_id: str, release: bool = True, first_block: int = 0,
+                  full_blocks_only: bool = False) -> KvExport:
+        """The computed KV of a request (running, or finished with ``keep_kv``) from block
+        ``first_block`` on; ``full_blocks_only`` leaves out a trailing partial block (a running
+        prefill's finished blocks, sent while the rest is computed). ``release`` then drops the
+        request and frees its blocks (full ones stay cached)."""
         seq = self.requests.get(request_id)
         if seq is None:
             raise KeyError(f"unknown request {request_id!r} (finished without keep_kv?)")
-        n = seq.num_computed_tokens
-        used = seq.block_table[: -(-n // self.config.block_size)]
-        hashes = seq.block_hashes[: len(used)] + [0] * (len(used) - len(seq.block_hashes[: len(used)]))
-        export = KvExport(seq.token_ids[:n], n, hashes, read_blocks(self.runner.kv_cache, used))
+        n, bs = seq.num_computed_tokens, self.config.block_size
+        end = n // bs if full_blocks_only else -(-n // bs)
+        used = seq.block_table[first_block:end]
+        hashes = (seq.block_hashes + [0] * end)[first_block:end]
+        export = KvExport(seq.token_ids[:n], n, hashes, read_blocks(self.runner.kv_cache, used), first_block)
         if release:
             self.abort(request_id)
         return export

@@ -55,7 +55,7 @@ class Scheduler:
         preempted = False
         while queue:
             seq = queue.pop(0)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = _tokens_to_compute(seq, budget)
             if n <= 0:
                 kept.append(seq)
                 continue
@@ -79,7 +79,7 @@ class Scheduler:
             holds_blocks = bool(seq.block_table)  # imported KV: its blocks are already in place
             if not holds_blocks:
                 self.blocks.match_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = _tokens_to_compute(seq, budget)
             if not self.blocks.allocate(seq, n):
                 if not holds_blocks:
                     self.blocks.free(seq)
@@ -94,3 +94,9 @@ class Scheduler:
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+
+def _tokens_to_compute(seq: Sequence, budget: int) -> int:
+    """This step's share of ``seq``: what it has left, within the budget and its own step cap."""
+    n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+    return min(n, seq.max_tokens_per_step) if seq.max_tokens_per_step else n

@@ -45,6 +45,9 @@ class Sequence:
     keep_kv: bool = False
     # Admitted at least once (the prefix hit is counted on the first admission only).
     admitted: bool = False
+    # At most this many tokens computed per step (0 = the step's budget): a disaggregated
+    # prefill takes its prompt in small steps so its finished blocks can be sent meanwhile.
+    max_tokens_per_step: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -6,12 +6,25 @@ worker which leading blocks it already holds (``skip_blocks``), and the prefill 
 computes the prompt and the first token and streams back only the missing blocks on the
 same call. Pull keeps one owner for the request's life (the decode worker, whose memory
 the blocks land in), needs no transfer ids or rendezvous between two calls, gives
-backpressure for free, and makes failure simple: if the stream breaks or a chunk is
-corrupt, the decode worker prefills locally and the client sees only latency.
+backpressure for free, and makes failure simple: nothing is imported until the last chunk
+has arrived and checked out, so a broken, corrupt or timed-out stream leaves nothing behind.
+
+Retry: the router names the chosen prefill worker and, best first, the other prefill workers
+it could have chosen. A failed pull (worker gone, corrupt chunk, timeout) moves to the next
+one; with none left, a corrupt chunk (a fault of the bytes, not of the worker) is retried
+once on the same worker, which by then holds the prompt's blocks cached; after that the
+decode worker prefills locally. The client sees latency, never an error.
+
+Overlap: the prefill worker computes the prompt in steps of ``prefill_chunk_tokens`` and,
+after each engine step, exports the blocks that became full and streams them while the
+engine computes the next step; the last chunk carries the partial tail block and the first
+token.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -22,10 +35,12 @@ import grpc
 
 from kvmesh.grpc_service import insecure_channel
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.kv_transfer import KvExport
+from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
-from services.worker.kv_wire import DEFAULT_CHUNK_BLOCKS, ChunkAssembler, export_to_chunks
+from services.worker.kv_wire import DEFAULT_CHUNK_BLOCKS, ChunkAssembler, TransferError, export_to_chunks
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +49,14 @@ log = logging.getLogger(__name__)
 class PulledPrefill:
     """What a decode worker got from a prefill worker."""
 
+    prefill_address: str
     first_token: common_pb2.TokenLogprob
     cached_tokens: int
     assembler: ChunkAssembler
     seconds: float
-    # From the first chunk's arrival to the last's: the wire's share (the rest is prefill compute).
+    # From the first chunk's arrival to the last's (with overlap, compute runs meanwhile).
     transfer_seconds: float
+    first_chunk_bytes: int
 
 
 @dataclasses.dataclass
@@ -49,6 +66,7 @@ class TransferStats:
     transfers: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    retries: int = 0
     fallbacks: int = 0
 
     def record(self, pulled: PulledPrefill) -> None:
@@ -57,50 +75,130 @@ class TransferStats:
         self.seconds += pulled.seconds
 
 
+class FinishedBlocks:
+    """The prefill's blocks not sent yet; ``__call__`` runs on the engine thread after every
+    step and hands the blocks that became full to the event loop (read only there)."""
+
+    def __init__(self, request_id: str, first_block: int, queue: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self.next_block = first_block
+        self.queue = queue
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, engine: Engine) -> None:
+        if self.request_id not in engine.requests:
+            return
+        export = engine.export_kv(self.request_id, release=False, first_block=self.next_block,
+                                  full_blocks_only=True)  # fmt: skip
+        if export.num_blocks:
+            self.next_block += export.num_blocks
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, export)
+
+    def rest(self, engine: Engine) -> KvExport:
+        """The blocks still unsent, trailing partial block included; frees the request."""
+        return engine.export_kv(self.request_id, release=True, first_block=self.next_block)
+
+
+async def _last_output(outputs: AsyncIterator, queue: asyncio.Queue) -> object:
+    try:
+        last = None
+        async for last in outputs:  # noqa: B007 - only the last output (the first token) is kept
+            pass
+        return last
+    finally:
+        queue.put_nowait(None)  # no more blocks before the rest
+
+
 async def serve_prefill(
-    engine: AsyncEngine, pull: transfer_pb2.PullBlocksRequest
+    engine: AsyncEngine, pull: transfer_pb2.PullBlocksRequest, prefill_chunk_tokens: int
 ) -> AsyncIterator[transfer_pb2.KvBlockChunk]:
     """The prefill worker's side: compute prompt + first token, keep the blocks cached here,
-    stream the blocks the decode worker lacks."""
+    stream the blocks the decode worker lacks as each step finishes them."""
     request = pull.request
     sampling: SamplingParams = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1, stop=[])
     prefill_id = f"prefill-{request.request_id}-{uuid.uuid4().hex[:6]}"
-    last = None
-    async for output in engine.generate(prefill_id, list(request.token_ids), sampling, keep_kv=True):
-        last = output
-    export = await engine.run(lambda e: e.export_kv(prefill_id, release=True))
-    chunks = list(export_to_chunks(export, pull.skip_blocks, pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS,
-                                   pull.transfer_id, request.request_id))  # fmt: skip
-    if not chunks:
-        chunks = [transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=request.request_id)]
-    final = chunks[-1]
-    final.last = True
-    final.num_tokens = export.num_tokens
-    final.cached_tokens = last.num_cached_tokens
-    lp = (last.logprobs or [None])[0]
-    final.first_token.CopyFrom(common_pb2.TokenLogprob(
-        token_id=last.new_token_ids[0], logprob=lp.logprob if lp else 0.0,
-        top_token_ids=lp.top_token_ids if lp else [], top_logprobs=lp.top_logprobs if lp else [],
-    ))  # fmt: skip
-    for chunk in chunks:
-        yield chunk
+    queue: asyncio.Queue[KvExport | None] = asyncio.Queue()
+    blocks = FinishedBlocks(prefill_id, pull.skip_blocks, queue)
+    outputs = engine.generate(prefill_id, list(request.token_ids), sampling, keep_kv=True, on_step=blocks,
+                              max_tokens_per_step=pull.prefill_chunk_tokens or prefill_chunk_tokens)  # fmt: skip
+    prefill = asyncio.create_task(_last_output(outputs, queue))
+    chunk_blocks = pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS
+    sent = 0
+    released = False
+    try:
+        while (export := await queue.get()) is not None:
+            for chunk in export_to_chunks(export, export.first_block, chunk_blocks, pull.transfer_id,
+                                          request.request_id, sent):  # fmt: skip
+                sent += 1
+                yield chunk
+        last = await prefill
+        rest = await engine.run(blocks.rest)
+        released = True
+        chunks = list(export_to_chunks(rest, rest.first_block, chunk_blocks, pull.transfer_id, request.request_id,
+                                       sent))  # fmt: skip
+        final = chunks[-1] if chunks else transfer_pb2.KvBlockChunk(
+            transfer_id=pull.transfer_id, request_id=request.request_id, chunk_index=sent)  # fmt: skip
+        final.last = True
+        final.num_tokens = rest.num_tokens
+        final.cached_tokens = last.num_cached_tokens
+        lp = (last.logprobs or [None])[0]
+        final.first_token.CopyFrom(common_pb2.TokenLogprob(
+            token_id=last.new_token_ids[0], logprob=lp.logprob if lp else 0.0,
+            top_token_ids=lp.top_token_ids if lp else [], top_logprobs=lp.top_logprobs if lp else [],
+        ))  # fmt: skip
+        for chunk in chunks or [final]:
+            yield chunk
+    finally:
+        prefill.cancel()
+        if not released:
+            # The receiver went away (or the prefill failed): free the blocks kept for it.
+            with contextlib.suppress(EngineDeadError):
+                engine.call(lambda e: e.abort(prefill_id))
 
 
 async def pull_prefill(
-    prefill_address: str, request: worker_pb2.WorkerGenerateRequest, skip_blocks: int, timeout_s: float
+    prefill_address: str, request: worker_pb2.WorkerGenerateRequest, skip_blocks: int, timeout_s: float,
+    prefill_chunk_tokens: int = 0,
 ) -> PulledPrefill:
     """The decode worker's side: ask the prefill worker for the prompt's KV and first token."""
     started = time.monotonic()
     first_chunk_at = None
+    first_chunk_bytes = 0
     assembler = ChunkAssembler(skip_blocks)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
-                                          request=request, skip_blocks=skip_blocks)  # fmt: skip
+                                          request=request, skip_blocks=skip_blocks,
+                                          prefill_chunk_tokens=prefill_chunk_tokens)  # fmt: skip
     async with insecure_channel(prefill_address) as channel:
         async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s):
-            first_chunk_at = first_chunk_at or time.monotonic()
+            if first_chunk_at is None:
+                first_chunk_at, first_chunk_bytes = time.monotonic(), len(chunk.data)
             assembler.add(chunk)
     last = assembler.last
     if last is None:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "prefill stream ended early")
     done = time.monotonic()
-    return PulledPrefill(last.first_token, last.cached_tokens, assembler, done - started, done - first_chunk_at)
+    return PulledPrefill(prefill_address, last.first_token, last.cached_tokens, assembler, done - started,
+                         done - first_chunk_at, first_chunk_bytes)  # fmt: skip
+
+
+async def pull_with_retries(
+    prefill_addresses: list[str], request: worker_pb2.WorkerGenerateRequest, skip_blocks: int, timeout_s: float,
+    stats: TransferStats,
+) -> PulledPrefill | None:
+    """Pull from the first prefill worker that delivers (see the module doc); None when none
+    did and the caller must prefill locally."""
+    pending = list(prefill_addresses)
+    retried_same = False
+    while pending:
+        address = pending.pop(0)
+        try:
+            return await pull_prefill(address, request, skip_blocks, timeout_s)
+        except (grpc.aio.AioRpcError, TransferError) as exc:
+            if not pending and isinstance(exc, TransferError) and not retried_same:
+                pending.append(address)
+                retried_same = True
+            action = f"retrying via {pending[0]}" if pending else "prefilling locally"
+            log.warning("remote prefill of %s via %s failed (%s); %s", request.request_id, address, exc, action)
+            stats.retries += bool(pending)
+    stats.fallbacks += 1
+    return None

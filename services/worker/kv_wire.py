@@ -28,21 +28,25 @@ def checksum(data: bytes) -> int:
 
 
 def export_to_chunks(
-    export: KvExport, first_block: int, chunk_blocks: int, transfer_id: str, request_id: str
+    export: KvExport, first_block: int, chunk_blocks: int, transfer_id: str, request_id: str, first_chunk_index: int = 0
 ) -> Iterator[transfer_pb2.KvBlockChunk]:
-    """Blocks ``first_block..`` of ``export`` as chunks of ``chunk_blocks`` blocks (all layers).
+    """Blocks ``first_block..`` of the sequence (``export`` holds blocks ``export.first_block..``)
+    as chunks of ``chunk_blocks`` blocks (all layers), numbered from ``first_chunk_index``.
 
     The caller sets the last chunk's ``last``, ``num_tokens`` and ``first_token``.
     """
     layers = export.data.shape[0]
     chunk_blocks = chunk_blocks or DEFAULT_CHUNK_BLOCKS
-    for index, start in enumerate(range(first_block, export.num_blocks, chunk_blocks)):
-        stop = min(start + chunk_blocks, export.num_blocks)
-        data = tensor_to_bytes(export.data[:, :, start:stop])
+    end = export.first_block + export.num_blocks
+    for index, start in enumerate(range(first_block, end, chunk_blocks), start=first_chunk_index):
+        stop = min(start + chunk_blocks, end)
+        part = export.data[:, :, start - export.first_block : stop - export.first_block]
+        data = tensor_to_bytes(part)
         yield transfer_pb2.KvBlockChunk(
             transfer_id=transfer_id, request_id=request_id, chunk_index=index, layer_start=0, layer_count=layers,
-            block_indices=range(start, stop), block_hashes=export.block_hashes[start:stop], dtype=export.dtype,
-            shape=list(export.data[:, :, start:stop].shape), data=data, checksum=checksum(data),
+            block_indices=range(start, stop), dtype=export.dtype, shape=list(part.shape), data=data,
+            block_hashes=export.block_hashes[start - export.first_block : stop - export.first_block],
+            checksum=checksum(data),
         )  # fmt: skip
 
 
@@ -84,4 +88,4 @@ class ChunkAssembler:
             raise TransferError("the transfer ended before its last chunk")
         num_tokens = self.last.num_tokens
         data = torch.cat(self.parts, dim=2) if self.parts else torch.empty(0)
-        return KvExport(list(token_ids[:num_tokens]), num_tokens, self.block_hashes, data)
+        return KvExport(list(token_ids[:num_tokens]), num_tokens, self.block_hashes, data, self.first_block)

@@ -50,9 +50,11 @@ async def serve(settings: WorkerSettings) -> None:
     engine = await asyncio.to_thread(build_engine, settings)
     async_engine = AsyncEngine(engine)
     process = ServiceProcess(settings, SERVICE_NAMES)
-    servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms)
+    servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms,
+                              settings.transfer_timeout_s)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
-    transfer_pb2_grpc.add_KvTransferServicer_to_server(KvTransferServicer(async_engine), process.server)
+    transfer = KvTransferServicer(async_engine, settings.prefill_chunk_tokens)
+    transfer_pb2_grpc.add_KvTransferServicer_to_server(transfer, process.server)
     publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,
                                  settings.event_flush_ms)  # fmt: skip
     engine.set_kv_event_callback(publisher.on_engine_events)

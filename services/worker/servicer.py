@@ -1,6 +1,6 @@
 """The Worker gRPC service over one engine: Generate and Decode streams, Cancel, Stats.
 
-``Decode`` with a prefill address is the decode half of disaggregated serving (see
+``Decode`` with prefill addresses is the decode half of disaggregated serving (see
 ``disagg.py``); the prefill half is the ``KvTransfer.PullBlocks`` service in
 ``transfer_servicer.py``. The unary ``Worker.Prefill`` of the contract is not used by this
 pull design and answers UNIMPLEMENTED (the generated base class does that).
@@ -20,9 +20,8 @@ from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
-from services.worker.disagg import TransferStats, pull_prefill
+from services.worker.disagg import TransferStats, pull_with_retries
 from services.worker.errors import engine_errors_as_status
-from services.worker.kv_wire import TransferError
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        async for response in self._serve(request, context, prefill_address=""):
+        async for response in self._serve(request, context, prefill_addresses=[]):
             yield response
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        async for response in self._serve(request.request, context, prefill_address=request.prefill_address):
+        addresses = [a for a in (request.prefill_address, *request.fallback_prefill_addresses) if a]
+        async for response in self._serve(request.request, context, prefill_addresses=addresses):
             yield response
 
     async def _serve(
-        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext, prefill_address: str
+        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext,
+        prefill_addresses: list[str],
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         if request.model and request.model != self.model_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -74,8 +75,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._prompt_tokens += len(request.token_ids)
         self.live.add(request.request_id)
         try:
-            if prefill_address:
-                outputs = self._remote_prefill_outputs(request, sampling, prefill_address, started)
+            if prefill_addresses:
+                outputs = self._remote_prefill_outputs(request, sampling, prefill_addresses, started)
             else:
                 outputs = self._local_outputs(request, sampling, started)
             async with engine_errors_as_status(context), contextlib.aclosing(outputs):
@@ -95,32 +96,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield output_to_proto(output, time.monotonic() - started)
 
     async def _remote_prefill_outputs(
-        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, prefill_address: str,
+        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, prefill_addresses: list[str],
         started: float,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        """Pull the prompt's KV and first token from the prefill worker, then decode here.
-
-        Anything wrong with the transfer (prefill worker gone, corrupt chunk, timeout) falls
-        back to prefilling locally: the client sees latency, never an error.
-        """
+        """Pull the prompt's KV and first token from a prefill worker, then decode here; when no
+        pull succeeds (see ``pull_with_retries``), prefill locally."""
         tokens = list(request.token_ids)
-        pulled = None
-        try:
-            skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
-            pulled = await pull_prefill(prefill_address, request, skip, self.transfer_timeout_s)
-            self.transfers.record(pulled)
-            received = pulled.assembler
-            log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were already "
-                     "here", received.next_block - skip, received.bytes_received, request.request_id, prefill_address,
-                     pulled.seconds, pulled.transfer_seconds, skip)  # fmt: skip
-        except (grpc.aio.AioRpcError, TransferError) as exc:
-            log.warning("remote prefill of %s via %s failed (%s); prefilling locally",
-                        request.request_id, prefill_address, exc)  # fmt: skip
-            self.transfers.fallbacks += 1
+        skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
+        pulled = await pull_with_retries(prefill_addresses, request, skip, self.transfer_timeout_s, self.transfers)
         if pulled is None:
             async for response in self._local_outputs(request, sampling, started):
                 yield response
             return
+        self.transfers.record(pulled)
+        received = pulled.assembler
+        log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were already "
+                 "here", received.next_block - skip, received.bytes_received, request.request_id,
+                 pulled.prefill_address, pulled.seconds, pulled.transfer_seconds, skip)  # fmt: skip
         first = pulled.first_token
         eos = first.token_id in self.engine.engine.eos_token_ids and not sampling.ignore_eos
         done = "stop" if eos or first.token_id in sampling.stop_token_ids else (

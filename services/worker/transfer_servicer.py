@@ -13,8 +13,9 @@ from services.worker.errors import engine_errors_as_status
 
 
 class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, prefill_chunk_tokens: int = 0) -> None:
         self.engine = engine
+        self.prefill_chunk_tokens = prefill_chunk_tokens
 
     async def PullBlocks(
         self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
@@ -27,5 +28,5 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"this worker serves {model}, not {request.request.model}")  # fmt: skip
         async with engine_errors_as_status(context):
-            async for chunk in serve_prefill(self.engine, request):
+            async for chunk in serve_prefill(self.engine, request, self.prefill_chunk_tokens):
                 yield chunk

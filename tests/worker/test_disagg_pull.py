@@ -1,0 +1,179 @@
+"""The decode worker's KV pull under faults, on real engines and real gRPC in one process.
+
+A proxy KvTransfer service sits between the decode worker and a real prefill worker and
+damages one pull's stream after its first chunk (flips a byte, breaks the stream, or stalls
+it). Whatever happens, the decode worker's output equals a local greedy run, the retry or
+fallback the design promises is what happened, and no KV block stays allocated on either side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from kvmesh.grpc_service import insecure_channel
+from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine.async_engine import AsyncEngine
+from services.worker.servicer import WorkerServicer
+from services.worker.transfer_servicer import KvTransferServicer
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 8
+
+
+class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
+    """Forwards PullBlocks to a real prefill worker; the next pull suffers ``faults.pop(0)``."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.faults: list[str] = []
+        self.pulls = 0
+
+    async def PullBlocks(
+        self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[transfer_pb2.KvBlockChunk]:
+        fault = self.faults.pop(0) if self.faults else ""
+        self.pulls += 1
+        async with insecure_channel(self.target) as channel:
+            index = 0
+            async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(request):
+                if index == 1 and fault == "corrupt":
+                    chunk.data = bytes([chunk.data[0] ^ 0x01]) + chunk.data[1:]
+                elif index == 1 and fault == "die":
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker went away mid-transfer")
+                elif index == 1 and fault == "stall":
+                    await asyncio.Event().wait()  # until the decode worker's deadline cancels the call
+                index += 1
+                yield chunk
+
+
+def small_engine() -> AsyncEngine:
+    return AsyncEngine(Engine(EngineConfig(dtype="float32", max_num_seqs=8, num_kv_blocks=160)))
+
+
+@pytest.fixture(scope="module")
+def prefill_engine() -> Iterator[AsyncEngine]:
+    engine = small_engine()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def decode_engine() -> Iterator[AsyncEngine]:
+    engine = small_engine()
+    yield engine
+    engine.shutdown()
+
+
+@dataclass
+class Workers:
+    prefill_address: str
+    proxy: TamperingProxy
+    proxy_address: str
+    decode: WorkerServicer
+    decode_address: str
+
+
+async def serve(add: object, servicer: object) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def workers(prefill_engine: AsyncEngine, decode_engine: AsyncEngine) -> AsyncIterator[Workers]:
+    # 64-token prefill steps: a ~200-token prompt streams as several chunks, so faults land mid-transfer.
+    prefill, prefill_address = await serve(transfer_pb2_grpc.add_KvTransferServicer_to_server,
+                                           KvTransferServicer(prefill_engine, prefill_chunk_tokens=64))  # fmt: skip
+    proxy = TamperingProxy(prefill_address)
+    proxy_server, proxy_address = await serve(transfer_pb2_grpc.add_KvTransferServicer_to_server, proxy)
+    decode = WorkerServicer(decode_engine, "decode-test", "decode", 200, transfer_timeout_s=60)
+    decode_server, decode_address = await serve(worker_pb2_grpc.add_WorkerServicer_to_server, decode)
+    yield Workers(prefill_address, proxy, proxy_address, decode, decode_address)
+    for server in (decode_server, proxy_server, prefill):
+        await server.stop(0)
+
+
+def prompt_ids(tokenizer, topic: str) -> list[int]:
+    return tokenizer.encode(f"Notes on {topic}: " + " ".join(f"{topic} item {i} is filed." for i in range(40)))
+
+
+async def decode(workers: Workers, prompt: list[int], request_id: str, fallbacks: list[str] = (),
+                 with_cached_tokens: bool = False) -> list[int] | tuple[list[int], int]:  # fmt: skip
+    request = worker_pb2.WorkerGenerateRequest(
+        request_id=request_id, token_ids=prompt,
+        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+    )  # fmt: skip
+    tokens: list[int] = []
+    cached_tokens = -1
+    async with insecure_channel(workers.decode_address) as channel:
+        call = worker_pb2_grpc.WorkerStub(channel).Decode(worker_pb2.DecodeRequest(
+            request=request, prefill_address=workers.proxy_address, fallback_prefill_addresses=fallbacks))  # fmt: skip
+        async for response in call:
+            cached_tokens = response.cached_tokens if cached_tokens < 0 else cached_tokens
+            tokens += response.token_ids
+    return (tokens, cached_tokens) if with_cached_tokens else tokens
+
+
+def expected(engine: Engine, prompt: list[int]) -> list[int]:
+    (out,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    return out.new_token_ids
+
+
+async def assert_no_blocks_held(*engines: AsyncEngine) -> None:
+    """Every block is free or merely cached (free + cached == total); a cancelled prefill
+    frees its blocks on the engine thread shortly after the stream ends, hence the wait."""
+    for engine in engines:
+        for _ in range(100):
+            stats = await engine.run(lambda e: e.stats())
+            if stats.blocks_used == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert stats.blocks_free + stats.blocks_cached == stats.blocks_total, stats
+
+
+async def test_a_corrupted_chunk_is_rejected_and_the_pull_retried(workers, engine, tokenizer, prefill_engine,
+                                                                  decode_engine):  # fmt: skip
+    prompt = prompt_ids(tokenizer, "copper")
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    workers.proxy.faults = ["corrupt"]
+    assert await decode(workers, prompt, "corrupt-1") == expected(engine, prompt)
+    # No other prefill worker offered: the same one is asked again, and this time delivers.
+    assert workers.proxy.pulls == 2
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0] + 1, before[1])
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_a_prefill_worker_dying_mid_transfer_is_replaced_by_the_next(workers, engine, tokenizer,
+                                                                           prefill_engine, decode_engine):  # fmt: skip
+    prompt = prompt_ids(tokenizer, "lantern")
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    workers.proxy.faults = ["die"]
+    assert await decode(workers, prompt, "die-1", fallbacks=[workers.prefill_address]) == expected(engine, prompt)
+    assert workers.proxy.pulls == 1  # the retry went straight to the other prefill worker
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0] + 1, before[1])
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_a_stalled_transfer_times_out_and_nothing_of_it_is_imported(
+    workers, engine, tokenizer, prefill_engine, decode_engine
+):
+    prompt = prompt_ids(tokenizer, "meadow")
+    workers.decode.transfer_timeout_s = 3.0
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    workers.proxy.faults = ["stall"]
+    tokens, cached_tokens = await decode(workers, prompt, "stall-1", with_cached_tokens=True)
+    # A timeout is not a corruption: with no other prefill worker, straight to local prefill.
+    assert tokens == expected(engine, prompt)
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0], before[1] + 1)
+    # Had a chunk received before the stall reached the pool's index, the local prefill would
+    # have reused it.
+    assert cached_tokens == 0
+    await assert_no_blocks_held(prefill_engine, decode_engine)
