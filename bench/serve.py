@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import random
 import statistics
 import sys
 import time
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.disagg import measure_overlap, print_overlap
 from bench.workloads import WORKLOADS, Conversation
 
 
@@ -89,8 +92,11 @@ async def run_conversation(client: httpx.AsyncClient, url: str, conv: Conversati
     return results
 
 
-async def run_workload(url: str, conversations: list[Conversation], concurrency: int, rate: float
-                       ) -> tuple[list[RequestResult], float]:  # fmt: skip
+async def run_workload(url: str, conversations: list[Conversation], concurrency: int, rate: float,
+                       poisson_seed: int | None = None) -> tuple[list[RequestResult], float]:  # fmt: skip
+    """Start conversations ``rate`` per second (evenly, or as a Poisson process when
+    ``poisson_seed`` is given); 0 = all at once."""
+    arrivals = random.Random(poisson_seed)
     limiter = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
         start = time.perf_counter()
@@ -98,7 +104,7 @@ async def run_workload(url: str, conversations: list[Conversation], concurrency:
         for conv in conversations:
             tasks.append(asyncio.create_task(run_conversation(client, url, conv, limiter)))
             if rate > 0:
-                await asyncio.sleep(1.0 / rate)
+                await asyncio.sleep(arrivals.expovariate(rate) if poisson_seed is not None else 1.0 / rate)
         nested = await asyncio.gather(*tasks)
         return [r for group in nested for r in group], time.perf_counter() - start
 
@@ -147,13 +153,14 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'mode':<12} {'workload':<14} {'req':>4} {'err':>3} {'TTFT p50':>9} {'p90':>8} {'p99':>8} " \
-             f"{'ITL p50':>8} {'E2E p50':>8} {'tok/s':>7} {'req/s':>6} {'hit':>6} {'ideal':>6}"
+             f"{'ITL p50':>8} {'p99':>8} {'E2E p50':>8} {'tok/s':>7} {'req/s':>6} {'hit':>6} {'ideal':>6}"
     print(header)
     for row in rows:
         s = row["summary"]
         print(f"{row['mode']:<12} {row['workload']:<14} {s['requests']:>4} {s['errors']:>3} "
               f"{s['ttft_ms']['p50']:>9.1f} {s['ttft_ms']['p90']:>8.1f} {s['ttft_ms']['p99']:>8.1f} "
-              f"{s['itl_ms']['p50']:>8.1f} {s['e2e_ms']['p50']:>8.1f} {s['output_tokens_per_s']:>7.1f} "
+              f"{s['itl_ms']['p50']:>8.1f} {s['itl_ms']['p99']:>8.1f} {s['e2e_ms']['p50']:>8.1f} "
+              f"{s['output_tokens_per_s']:>7.1f} "
               f"{s['requests_per_s']:>6.2f} {s['cache_hit_rate']:>6.1%} {row.get('ideal_hit_rate', 0):>6.1%}")
 
 
@@ -167,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-requests", type=int, default=32, help="conversations per workload")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rate", type=float, default=0.0, help="conversations started per second; 0 = all at once")
+    parser.add_argument("--poisson", action="store_true", help="Poisson arrivals at --rate (seeded by --seed)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--overhead", action="store_true", help="also measure router overhead on TTFT")
     parser.add_argument("--disagg-compare", action="store_true",
@@ -210,9 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead = None
     print_table(rows)
     if transfer:
-        print(f"KV transfer: {transfer['pulls']} pulls, {transfer['mb']:.1f} MB, "
-              f"median {transfer['mb_per_s_p50']:.0f} MB/s on the wire; raw loopback socket copy of the same "
-              f"bytes: {transfer['loopback_mb_per_s']:.0f} MB/s ({transfer['ratio']:.0%})")
+        print_overlap(transfer["overlap"])
+        print(f"KV transfer: {transfer['pulls']} pulls in the workload ({transfer['mb']:.1f} MB); "
+              f"{transfer['overlap']['transfer_mb_per_s']:.0f} MB/s vs a raw loopback socket copy of the same bytes "
+              f"{transfer['loopback_mb_per_s']:.0f} MB/s ({transfer['ratio']:.0%})")
+        print(f"1-min load average: {transfer['loadavg_start']:.1f} at start, {transfer['loadavg_end']:.1f} at end")
     if overhead:
         print(f"mesh overhead on TTFT (p50 of {overhead['samples']}): router {overhead['router_ttft_ms_p50']:.2f} ms, "
               f"direct worker {overhead['direct_ttft_ms_p50']:.2f} ms, "
@@ -225,21 +235,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def disagg_compare(workloads: list[str], args: argparse.Namespace, tokenizer) -> tuple[list[dict], dict]:
-    """Same workloads, same total workers: 2 aggregated, then 1 prefill + 1 decode."""
+    """Same workloads, same total workers: 2 aggregated, then 1 prefill + 1 decode; then, on
+    the idle disaggregated stack, the transfer/compute overlap and the transfer rate."""
     from bench.stack import BenchStack
 
     rows = []
+    loadavg_start = os.getloadavg()[0]
     with BenchStack(2, ["kv"]) as stack:
         rows += [run_one(stack.http["kv"], "aggregated-2", w, args, tokenizer, seed=args.seed) for w in workloads]
     with BenchStack(0, ["kv"], prefill=1, decode=1) as stack:
         rows += [run_one(stack.http["kv"], "disagg-1p1d", w, args, tokenizer, seed=args.seed + 1) for w in workloads]
         pulls = stack.transfer_log()
-    total = sum(size for size, _ in pulls)
-    rates = [size / seconds / 1e6 for size, seconds in pulls if seconds > 0]
-    loopback = loopback_mb_per_s(max((size for size, _ in pulls), default=1 << 20))
-    median = statistics.median(rates) if rates else 0.0
-    return rows, {"pulls": len(pulls), "mb": total / 1e6, "mb_per_s_p50": median,
-                  "loopback_mb_per_s": loopback, "ratio": median / loopback if loopback else 0.0}  # fmt: skip
+        prefill = asyncio.run(stack.worker_info("prefill"))
+        overlap = asyncio.run(measure_overlap(prefill.address, prefill.model, seed=args.seed))
+    loopback = loopback_mb_per_s(overlap["bytes"])
+    return rows, {"pulls": len(pulls), "mb": sum(pulls) / 1e6, "overlap": overlap, "loopback_mb_per_s": loopback,
+                  "ratio": overlap["transfer_mb_per_s"] / loopback, "loadavg_start": loadavg_start,
+                  "loadavg_end": os.getloadavg()[0]}  # fmt: skip
 
 
 def loopback_mb_per_s(size: int, repeats: int = 5) -> float:
@@ -276,7 +288,8 @@ def run_one(url: str, mode: str, workload: str, args: argparse.Namespace, tokeni
     # A distinct salt per mode keeps each mode's prompts out of the other's cache.
     for conv in conversations:
         conv.system = f"[{mode}-{uuid.uuid5(uuid.NAMESPACE_DNS, str(seed)).hex[:6]}] {conv.system}"
-    results, wall = asyncio.run(run_workload(url, conversations, args.concurrency, args.rate))
+    poisson_seed = args.seed if args.poisson else None
+    results, wall = asyncio.run(run_workload(url, conversations, args.concurrency, args.rate, poisson_seed))
     row = {"mode": mode, "workload": workload, "summary": summarize(results, wall),
            "ideal_hit_rate": ideal_hit_rate([r for r in results if not r.error], tokenizer)}  # fmt: skip
     row["requests"] = [asdict(r) | {"messages": len(r.messages)} for r in results]

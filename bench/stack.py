@@ -44,25 +44,28 @@ class BenchStack:
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()
 
-    def transfer_log(self) -> list[tuple[int, float]]:
-        """(bytes, wire seconds) of every KV pull the decode workers logged."""
-        pulls = []
-        for child in self.stack.children:
-            if child.name.startswith("decode"):
-                for line in child.log_path.read_text().splitlines():
-                    if " pulled " in line:
-                        size = int(line.split("(")[1].split()[0])
-                        seconds = float(line.split("(wire ")[1].split("s)")[0])
-                        pulls.append((size, seconds))
-        return pulls
+    def transfer_log(self) -> list[int]:
+        """Bytes of every KV pull the decode workers logged."""
+        return [int(line.split("(")[1].split()[0])
+                for child in self.stack.children if child.name.startswith("decode")
+                for line in child.log_path.read_text().splitlines() if " pulled " in line]  # fmt: skip
+
+    async def workers(self) -> dict[str, common_pb2.InstanceInfo]:
+        """The live workers as registered in etcd, by instance id."""
+        discovery = Discovery(self.stack.etcd_endpoint, self.namespace)
+        try:
+            return await discovery.list("worker")
+        finally:
+            await discovery.close()
+
+    async def worker_info(self, role: str) -> common_pb2.InstanceInfo:
+        return next(info for info in (await self.workers()).values() if info.role == role)
 
     async def measure_overhead(self, samples: int = 40) -> dict:
         """TTFT through the router vs straight to the worker that served it (same prompt, 1 token)."""
         prompt = list(range(100, 164))
         sampling = common_pb2.SamplingParams(max_tokens=1)
-        discovery = Discovery(self.stack.etcd_endpoint, self.namespace)
-        workers = await discovery.list("worker")
-        await discovery.close()
+        workers = await self.workers()
         router_ms, direct_ms = [], []
         async with grpc.aio.insecure_channel(self.grpc[self.modes[0]]) as router_channel:
             router = router_pb2_grpc.RouterStub(router_channel)

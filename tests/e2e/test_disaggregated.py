@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -12,8 +13,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from kvmesh.grpc_service import insecure_channel
 from kvmesh.launcher import LocalStack, StackOptions
 from kvmesh.local_stores import free_port
+from kvmesh.status import collect_status
+from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.sampling_params import SamplingParams
 from tests.fixtures.mesh import WORKER_ENV
 
@@ -137,3 +141,14 @@ def test_prefill_worker_killed_mid_prefill_the_request_still_completes(disagg, e
     thread.join(300)
     assert result["text"] == expected(engine, tokenizer, prompt, max_tokens=8)
     assert "prefilling locally" in decode_log(disagg)
+    # Nothing the failed pull allocated stays held on the decode worker.
+    stats = asyncio.run(decode_stats(disagg))
+    assert stats.kv_blocks_used == 0, stats
+
+
+async def decode_stats(stack: LocalStack) -> worker_pb2.WorkerStats:
+    rows = await collect_status(stack.etcd_endpoint, stack.options.namespace)
+    (row,) = [r for r in rows if r.get("role") == "decode"]
+    async with insecure_channel(row["address"]) as channel:
+        async for stats in worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.WorkerStatsRequest()):
+            return stats

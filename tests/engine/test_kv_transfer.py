@@ -1,6 +1,7 @@
 """Prefill in engine A, export the KV, import into engine B, decode in B: same tokens as A alone."""
 
 import pytest
+import torch
 
 from services.engine import Engine, EngineConfig, KvExport, NoFreeBlocksError, SamplingParams
 from services.engine.kv_transfer import tensor_from_bytes, tensor_to_bytes
@@ -81,3 +82,26 @@ def test_import_reuses_the_prefix_the_decode_pool_already_holds(engine: Engine, 
     rest = run_to_completion(decode_engine)
     assert first + rest == local.new_token_ids
     assert decode_engine.stats().blocks_used == 0
+
+
+def test_a_prefill_in_capped_steps_exports_its_finished_blocks_as_it_goes(engine: Engine, reference_prompt_ids):
+    """What the prefill worker streams while it computes: each step's newly full blocks, then the rest."""
+    prompt = reference_prompt_ids[6] * 3  # ~150 tokens: several 32-token steps
+    cached = engine.cached_prefix_blocks(prompt) * 16
+    engine.add_request("stepped", prompt, SamplingParams(temperature=0, max_tokens=1), keep_kv=True,
+                       max_tokens_per_step=32)  # fmt: skip
+    pieces, next_block, steps = [], 0, 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        piece = engine.export_kv("stepped", release=False, first_block=next_block, full_blocks_only=True)
+        assert piece.first_block == next_block and piece.num_blocks == piece.num_tokens // 16 - next_block
+        next_block += piece.num_blocks
+        pieces.append(piece)
+    assert steps == -(-(len(prompt) - cached) // 32) > 1
+    whole = engine.export_kv("stepped", release=False)
+    rest = engine.export_kv("stepped", first_block=next_block)
+    sent = torch.cat([p.data for p in pieces] + [rest.data], dim=2)
+    assert torch.equal(sent, whole.data)
+    assert [h for p in [*pieces, rest] for h in p.block_hashes] == whole.block_hashes
+    assert engine.stats().blocks_used == 0
