@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.scoring import Candidate, RoundRobin, choose_kv, worker_cost
+from router.scoring import Candidate, RoundRobin, choose_kv, rank_by_cost, worker_cost
 
 
 def test_cost_is_blocks_to_prefill_plus_decode_load():
@@ -44,3 +44,8 @@ def test_round_robin_cycles_in_a_stable_order_and_refuses_nothing_to_choose():
         rr.choose([])
     with pytest.raises(ValueError):
         choose_kv([], 4)
+
+
+def test_fallback_prefill_workers_are_ranked_cheapest_first():
+    candidates = [Candidate("busy", 0, 40), Candidate("warm", 8, 2), Candidate("cold", 0, 2)]
+    assert rank_by_cost(candidates, prompt_blocks=10, overlap_weight=2.0) == ["warm", "cold", "busy"]
