@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,9 @@ class Sequence:
     keep_kv: bool = False
     # Admitted at least once (the prefix hit is counted on the first admission only).
     admitted: bool = False
+    # Monotonic times of arrival and first admission: the request's queueing time.
+    added_at: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0
 
     @property
     def num_tokens(self) -> int:

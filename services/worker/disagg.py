@@ -19,13 +19,16 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from kvmesh.grpc_service import insecure_channel
+from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
 from services.engine.async_engine import AsyncEngine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
 from services.worker.kv_wire import DEFAULT_CHUNK_BLOCKS, ChunkAssembler, export_to_chunks
+from services.worker.request_trace import record_prefill_phases
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,12 @@ async def serve_prefill(
     sampling: SamplingParams = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1, stop=[])
     prefill_id = f"prefill-{request.request_id}-{uuid.uuid4().hex[:6]}"
     last = None
+    started_s = time.time()
     async for output in engine.generate(prefill_id, list(request.token_ids), sampling, keep_kv=True):
         last = output
+    record_prefill_phases(trace.get_current_span(), started_s, last.queue_s or 0.0,
+                          time.time() - started_s - (last.queue_s or 0.0), len(request.token_ids),
+                          last.num_cached_tokens)  # fmt: skip
     export = await engine.run(lambda e: e.export_kv(prefill_id, release=True))
     chunks = list(export_to_chunks(export, pull.skip_blocks, pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS,
                                    pull.transfer_id, request.request_id))  # fmt: skip
@@ -96,7 +103,8 @@ async def pull_prefill(
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=skip_blocks)  # fmt: skip
     async with insecure_channel(prefill_address) as channel:
-        async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s):
+        async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s,
+                                                                           metadata=outgoing_metadata()):
             first_chunk_at = first_chunk_at or time.monotonic()
             assembler.add(chunk)
     last = assembler.last

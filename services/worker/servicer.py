@@ -23,6 +23,8 @@ from services.worker.convert import output_to_proto, sampling_from_proto
 from services.worker.disagg import TransferStats, pull_prefill
 from services.worker.errors import engine_errors_as_status
 from services.worker.kv_wire import TransferError
+from services.worker.metrics import TRANSFER_FALLBACKS, observe_stats
+from services.worker.request_trace import WorkerRequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        async for response in self._serve(request, context, prefill_address=""):
+        async for response in self._serve(request, context, prefill_address="", rpc="Generate"):
             yield response
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        async for response in self._serve(request.request, context, prefill_address=request.prefill_address):
+        async for response in self._serve(request.request, context, prefill_address=request.prefill_address,
+                                          rpc="Decode"):  # fmt: skip
             yield response
 
     async def _serve(
-        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext, prefill_address: str
+        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext, prefill_address: str,
+        rpc: str,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         if request.model and request.model != self.model_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -73,16 +77,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         started = time.monotonic()
         self._prompt_tokens += len(request.token_ids)
         self.live.add(request.request_id)
+        trace = WorkerRequestTrace(f"worker.{rpc}", context, request, "remote" if prefill_address else "local")
         try:
             if prefill_address:
-                outputs = self._remote_prefill_outputs(request, sampling, prefill_address, started)
+                outputs = self._remote_prefill_outputs(request, sampling, prefill_address, started, trace)
             else:
                 outputs = self._local_outputs(request, sampling, started)
             async with engine_errors_as_status(context), contextlib.aclosing(outputs):
                 async for response in outputs:
                     self._tokens_done += len(response.token_ids)
+                    trace.on_response(response)
                     yield response
         finally:
+            trace.finish()
             self.live.discard(request.request_id)
             self._changed.set()
 
@@ -96,7 +103,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _remote_prefill_outputs(
         self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, prefill_address: str,
-        started: float,
+        started: float, trace: WorkerRequestTrace,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         """Pull the prompt's KV and first token from the prefill worker, then decode here.
 
@@ -107,9 +114,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         pulled = None
         try:
             skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
-            pulled = await pull_prefill(prefill_address, request, skip, self.transfer_timeout_s)
+            with trace.kv_transfer() as span:
+                pulled = await pull_prefill(prefill_address, request, skip, self.transfer_timeout_s)
+                received = pulled.assembler
+                trace.transferred(span, received.bytes_received, received.next_block - skip, pulled.seconds,
+                                  pulled.transfer_seconds)  # fmt: skip
             self.transfers.record(pulled)
-            received = pulled.assembler
             log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were already "
                      "here", received.next_block - skip, received.bytes_received, request.request_id, prefill_address,
                      pulled.seconds, pulled.transfer_seconds, skip)  # fmt: skip
@@ -117,6 +127,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             log.warning("remote prefill of %s via %s failed (%s); prefilling locally",
                         request.request_id, prefill_address, exc)  # fmt: skip
             self.transfers.fallbacks += 1
+            TRANSFER_FALLBACKS.inc()
+            trace.path = "fallback"
         if pulled is None:
             async for response in self._local_outputs(request, sampling, started):
                 yield response
@@ -129,6 +141,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             request_id=request.request_id, token_ids=[first.token_id], finish_reason=done,
             cached_tokens=pulled.cached_tokens, worker_time_s=time.monotonic() - started,
             logprobs=[first] if sampling.logprobs else [],
+            timings=worker_pb2.WorkerTimings(prefill_s=pulled.seconds - pulled.transfer_seconds,
+                                             transfer_s=pulled.transfer_seconds),
         )  # fmt: skip
         yield response
         if done:
@@ -152,7 +166,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         rate = (self._tokens_done - tokens_then) / (now - then) if now > then else 0.0
         if now - then > 1.0:
             self._rate = (now, self._tokens_done)
-        return worker_pb2.WorkerStats(
+        report = worker_pb2.WorkerStats(
             worker_id=self.worker_id,
             running_requests=s.running,
             waiting_requests=s.waiting,
@@ -165,6 +179,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             unix_ms=int(taken_s * 1000),
             role=self.role,
         )
+        observe_stats(report)
+        return report
 
     async def Stats(
         self, request: worker_pb2.WorkerStatsRequest, context: grpc.aio.ServicerContext
