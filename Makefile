@@ -4,9 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup protos test lint run bench clean
+.PHONY: setup protos test lint run bench clean chromium
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed chromium
+
+# Headless Chromium renders the router's /dashboard in a test (Debian's package; needs root or sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -164,6 +164,14 @@ def print_table(rows: list[dict]) -> None:
               f"{s['requests_per_s']:>6.2f} {s['cache_hit_rate']:>6.1%} {row.get('ideal_hit_rate', 0):>6.1%}")
 
 
+def print_tracing_cost(tracing: dict) -> None:
+    print(f"tracing cost (median over {tracing['runs']} runs per mode; ratios against tracing off):")
+    for mode, figures in tracing["modes"].items():
+        print(f"  {mode:<12} output tok/s {figures['output_tokens_per_s']:>7.1f} ({figures['throughput_ratio']:.3f})"
+              f"   TTFT p50 {figures['ttft_ms_p50']:>7.1f} ms ({figures['ttft_ratio']:.3f})"
+              f"   router spans exported {figures['router_spans']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmesh bench serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="", help="router base URL (e.g. http://127.0.0.1:8000); omit with --compare")
@@ -180,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--disagg-compare", action="store_true",
                         help="run the workloads on 2 aggregated workers, then on 1 prefill + 1 decode, and report "
                              "KV transfer rate next to a raw loopback copy of the same bytes")  # fmt: skip
+    parser.add_argument("--tracing-compare", action="store_true",
+                        help="one stack, three routers: tracing off, OTLP at 100%% and at 10%% sampling; "
+                             "throughput and TTFT ratios against off")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="--tracing-compare: rounds, mode order rotated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("bench/results/serve.json"), help="where to write results")
     return parser
@@ -192,15 +204,22 @@ def make_conversations(workload: str, n: int, seed: int, max_tokens: int) -> lis
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workloads = args.workload or ["shared-prefix", "multiturn"]
-    if not args.url and not args.compare and not args.disagg_compare:
-        print("give --url of a running router, --compare kv,round_robin or --disagg-compare", file=sys.stderr)
+    if not (args.url or args.compare or args.disagg_compare or args.tracing_compare):
+        print("give --url of a running router, --compare kv,round_robin, --disagg-compare or --tracing-compare",
+              file=sys.stderr)  # fmt: skip
         return 2
     from services.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
     rows = []
-    transfer = None
-    if args.disagg_compare:
+    transfer = tracing = None
+    if args.tracing_compare:
+        from bench.tracing_cost import tracing_compare
+
+        rows, tracing = tracing_compare(workloads, args, lambda url, mode, workload, seed: run_one(
+            url, mode, workload, args, tokenizer, seed))  # fmt: skip
+        overhead = None
+    elif args.disagg_compare:
         rows, transfer = disagg_compare(workloads, args, tokenizer)
         overhead = None
     elif args.compare:
@@ -223,13 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{transfer['overlap']['transfer_mb_per_s']:.0f} MB/s vs a raw loopback socket copy of the same bytes "
               f"{transfer['loopback_mb_per_s']:.0f} MB/s ({transfer['ratio']:.0%})")
         print(f"1-min load average: {transfer['loadavg_start']:.1f} at start, {transfer['loadavg_end']:.1f} at end")
+    if tracing:
+        print_tracing_cost(tracing)
     if overhead:
         print(f"mesh overhead on TTFT (p50 of {overhead['samples']}): router {overhead['router_ttft_ms_p50']:.2f} ms, "
               f"direct worker {overhead['direct_ttft_ms_p50']:.2f} ms, "
               f"overhead {overhead['overhead_ms_p50']:.2f} ms")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                     "overhead": overhead, "transfer": transfer}, indent=2))  # fmt: skip
+                                     "overhead": overhead, "transfer": transfer, "tracing": tracing},
+                                    indent=2))  # fmt: skip
     print(f"results: {args.json}")
     return 0
 

@@ -22,6 +22,7 @@ NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 WORKER_ROLES = ("aggregated", "prefill", "decode")
 ROUTER_MODES = ("kv", "round_robin", "random")
 ENGINES = ("real", "mock")
+TRACE_EXPORTERS = ("off", "console", "otlp")
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -45,6 +46,16 @@ class ServiceSettings:
         default=10.0, metadata=_help("on SIGTERM, how long in-flight streams may finish")
     )
     log_level: str = dataclasses.field(default="INFO", metadata=_help("DEBUG, INFO, WARNING, ERROR"))
+    metrics_port: int = dataclasses.field(
+        default=0, metadata=_help("Prometheus /metrics HTTP port; 0 picks a free one, -1 = off")
+    )
+    trace_exporter: str = dataclasses.field(default="off", metadata=_help("traces: otlp, console or off"))
+    otlp_endpoint: str = dataclasses.field(
+        default="127.0.0.1:4317", metadata=_help("OTLP gRPC collector host:port (--trace-exporter otlp)")
+    )
+    trace_sample_ratio: float = dataclasses.field(
+        default=1.0, metadata=_help("fraction of requests traced, decided at the router")
+    )
 
     kind = "service"
 
@@ -57,6 +68,12 @@ class ServiceSettings:
             raise ValueError("lease_ttl_s must be between 1 and 3600")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be between -1 (off) and 65535")
+        if self.trace_exporter not in TRACE_EXPORTERS:
+            raise ValueError(f"trace_exporter must be one of {', '.join(TRACE_EXPORTERS)}, not {self.trace_exporter!r}")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise ValueError("trace_sample_ratio must be in [0, 1]")
         if not self.instance_id:
             self.instance_id = f"{self.kind}-{socket.gethostname()[:32]}-{uuid.uuid4().hex[:8]}"
             self.instance_id = re.sub(r"[^A-Za-z0-9._-]", "-", self.instance_id)

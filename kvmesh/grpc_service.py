@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.config import ServiceSettings
 from kvmesh.discovery import Discovery, Registration
+from kvmesh.telemetry import setup_telemetry
 from kvmesh_proto.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ class ServiceProcess:
 
     def __init__(self, settings: ServiceSettings, service_names: Sequence[str]) -> None:
         self.settings = settings
+        role = getattr(settings, "role", "")
+        self.telemetry = setup_telemetry(
+            f"{settings.kind}-{role}" if role else settings.kind, settings.host, settings.metrics_port,
+            settings.trace_exporter, settings.otlp_endpoint, settings.trace_sample_ratio,
+            {"service.instance.id": settings.instance_id},
+        )
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -78,6 +85,7 @@ class ServiceProcess:
             address=self.address,
             started_unix_ms=int(time.time() * 1000),
             pid=os.getpid(),
+            metrics_port=self.telemetry.metrics_port,
             **fields,
         )
 
@@ -111,6 +119,7 @@ class ServiceProcess:
                 log.exception("drain callback failed")
         await self.server.stop(self.settings.drain_timeout_s)
         await self.discovery.close()
+        await asyncio.to_thread(self.telemetry.shutdown)
 
     async def run_until_signal(self, info: common_pb2.InstanceInfo) -> None:
         await self.start(info)

@@ -38,6 +38,8 @@ async def _describe(info: common_pb2.InstanceInfo) -> dict[str, Any]:
         row["engine"] = info.engine
     if info.http_address:
         row["http_address"] = info.http_address
+    if info.metrics_port:
+        row["metrics"] = f"http://{info.address.rpartition(':')[0]}:{info.metrics_port}/metrics"
     if info.kind == "kvstore":
         row["blocks"] = await _kvstore_blocks(info.address)
     return row
@@ -56,7 +58,7 @@ async def collect_status(etcd_endpoint: str, namespace: str) -> list[dict[str, A
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no instances registered"
-    columns = ["kind", "id", "address", "role", "model", "healthy", "blocks"]
+    columns = ["kind", "id", "address", "role", "model", "healthy", "blocks", "metrics"]
     cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]

@@ -13,13 +13,16 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import redis.asyncio as aioredis
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 
 from kvmesh.config import KvStoreSettings, load_settings
 from kvmesh.discovery import Membership, MembershipEvent
 from kvmesh.grpc_service import ServiceProcess
 from kvmesh.logging_setup import setup_logging
+from kvmesh.telemetry import incoming_context, tracer
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvstore import metrics
 from kvstore.registry import BlockRegistry
 from kvstore.validation import InvalidInput
 
@@ -49,15 +52,19 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
                 ack = await self.registry.apply_batch(batch)
             except (InvalidInput, RedisError) as exc:
                 await _abort_for(context, exc)
+            metrics.observe_batch(batch)
             yield ack
 
     async def FindMatches(
         self, request: kvstore_pb2.FindMatchesRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.FindMatchesResponse:
         try:
-            matches = await self.registry.find_matches(
-                request.model, list(request.block_hashes), list(request.worker_ids) or None
-            )
+            with tracer().start_as_current_span("kvstore.FindMatches", incoming_context(context), SpanKind.SERVER,
+                                                attributes={"kvmesh.blocks": len(request.block_hashes)}), \
+                    metrics.FIND_MATCHES_SECONDS.time():  # fmt: skip
+                matches = await self.registry.find_matches(
+                    request.model, list(request.block_hashes), list(request.worker_ids) or None
+                )
         except (InvalidInput, RedisError) as exc:
             await _abort_for(context, exc)
         return kvstore_pb2.FindMatchesResponse(
@@ -122,7 +129,9 @@ async def serve(settings: KvStoreSettings) -> None:
         except RedisError as exc:
             log.warning("could not reconcile the index with etcd at start (%s)", exc)
         await workers.start()
+        gauges = asyncio.create_task(metrics.refresh_index_gauges(registry), name="index-gauges")
         await process.wait_for_signal()
+        gauges.cancel()
     finally:
         await workers.stop()
         await process.shutdown()

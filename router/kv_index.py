@@ -13,6 +13,7 @@ import grpc
 
 from kvmesh.discovery import Discovery, Membership
 from kvmesh.grpc_service import insecure_channel
+from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class KvIndexClient:
             return None
         request = kvstore_pb2.FindMatchesRequest(model=model, block_hashes=block_hashes)
         try:
-            reply = await stub.FindMatches(request, timeout=self._timeout_s)
+            reply = await stub.FindMatches(request, timeout=self._timeout_s, metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as exc:
             if self.available:
                 log.warning("kvstore FindMatches failed (%s); routing on load only", exc.code().name)

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvmesh_proto.v1 import common_pb2
+from router.dashboard import add_dashboard_routes
 from router.errors import RouterError, invalid
 from router.pipeline import Chunk, Generation, GenerationInput, RouterCore
 
@@ -245,6 +246,7 @@ async def _stream_body(formatter: OpenAIFormatter, include_usage: bool) -> Async
 
 def create_app(core: RouterCore) -> FastAPI:
     app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None)
+    add_dashboard_routes(app, core)
 
     @app.exception_handler(RouterError)
     async def router_error(request: Request, exc: RouterError) -> JSONResponse:

@@ -22,6 +22,7 @@ from kvmesh.hashing import block_hashes
 from kvmesh_proto.v1 import common_pb2, worker_pb2
 from router.errors import RouterError, invalid
 from router.kv_index import KvIndexClient
+from router.request_trace import RecentRequests, RouterRequestTrace
 from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv, rank_by_cost
 from router.text_stream import TextStream
 from router.tokenizers import TokenizerCache
@@ -67,6 +68,7 @@ class RouteInfo:
     prefill_worker: WorkerState | None = None
     # The other prefill workers, best first: the decode worker pulls from them if the first fails.
     fallback_prefill_workers: list[WorkerState] = field(default_factory=list)
+    runner_up_cost: float | None = None
 
 
 class Generation:
@@ -83,6 +85,7 @@ class Generation:
         text: TextStream,
         route: RouteInfo,
         block_size: int,
+        trace: RouterRequestTrace,
     ) -> None:
         self.request_id = request_id
         self.model = model
@@ -96,6 +99,7 @@ class Generation:
         self._first: worker_pb2.WorkerGenerateResponse | None = first
         self._text = text
         self._block_size = block_size
+        self.trace = trace
 
     @property
     def worker_id(self) -> str:
@@ -130,7 +134,7 @@ class Generation:
                 token_ids = list(response.token_ids)
                 self.completion_tokens += len(token_ids)
                 self._track_blocks()
-                delta = self._text.push(token_ids)
+                delta = self.trace.detokenize(self._text.push, token_ids)
                 if self._text.stopped:
                     self.finish_reason = "stop"
                     self._call.cancel()
@@ -155,6 +159,7 @@ class Generation:
         if not self._call.done():
             self._call.cancel()
         self.worker.finish(self.request_id)
+        self.trace.finish(request_id=self.request_id, finish_reason=self.finish_reason)
 
 
 class RouterCore:
@@ -165,6 +170,7 @@ class RouterCore:
         self.tokenizers = TokenizerCache()
         self._round_robin = RoundRobin()
         self._rng = random.Random()
+        self.recent = RecentRequests()
 
     # -- the model -------------------------------------------------------------------------
     def resolve_model(self, requested: str) -> common_pb2.InstanceInfo:
@@ -229,7 +235,7 @@ class RouterCore:
                              self.settings.router_temperature, self._rng)  # fmt: skip
         route_mode = "kv" if overlaps is not None else "kv-load-only"
         return self.pool.workers[decision.worker_id], RouteInfo(
-            decision.worker_id, route_mode, decision.prefix_overlap, len(hashes)
+            decision.worker_id, route_mode, decision.prefix_overlap, len(hashes), runner_up_cost=decision.runner_up_cost
         )
 
     async def _route_disaggregated(
@@ -244,20 +250,31 @@ class RouterCore:
         prefills = [w for w in self.pool.candidates(info.model, ("prefill",))
                     if w.waiting_requests < self.settings.prefill_queue_limit]  # fmt: skip
         if uncached_tokens < self.settings.max_local_prefill_tokens or not prefills:
-            return worker, RouteInfo(worker.worker_id, "disagg-local", decode.prefix_overlap, len(hashes))
+            return worker, RouteInfo(worker.worker_id, "disagg-local", decode.prefix_overlap, len(hashes),
+                                     runner_up_cost=decode.runner_up_cost)  # fmt: skip
         candidates = _candidates(prefills, overlaps)
         prefill = choose_kv(candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature,
                             self._rng)  # fmt: skip
         others = rank_by_cost([c for c in candidates if c.worker_id != prefill.worker_id], len(hashes),
                               self.settings.overlap_weight)  # fmt: skip
         route = RouteInfo(worker.worker_id, "disagg-remote", prefill.prefix_overlap, len(hashes),
-                          self.pool.workers[prefill.worker_id], [self.pool.workers[w] for w in others])  # fmt: skip
+                          self.pool.workers[prefill.worker_id], [self.pool.workers[w] for w in others],
+                          prefill.runner_up_cost)  # fmt: skip
         return worker, route
 
     # -- the request -----------------------------------------------------------------------
     async def open(self, request: GenerationInput) -> Generation:
+        trace = RouterRequestTrace(request, self.settings.router_mode, self.recent)
+        try:
+            return await self._open(request, trace)
+        except BaseException as exc:
+            trace.finish(exc, request.request_id)
+            raise
+
+    async def _open(self, request: GenerationInput, trace: RouterRequestTrace) -> Generation:
         info = self.resolve_model(request.model)
-        prompt, tokenizer = await self.tokenize(request, info)
+        with trace.phase("tokenize"):
+            prompt, tokenizer = await self.tokenize(request, info)
         sampling = self._checked_sampling(request.sampling, len(prompt), info)
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
         hashes = block_hashes(prompt, info.block_size or 16)
@@ -267,9 +284,11 @@ class RouterCore:
         tried: set[str] = set()
         last_error = ""
         for _ in range(_MAX_ATTEMPTS):
-            worker, route = await self.route(info, hashes, tried)
+            with trace.phase("route") as span:
+                worker, route = await self.route(info, hashes, tried)
+                trace.routed(span, route, len(prompt))
             worker.inflight[request_id] = len(hashes) + 1
-            call = self._call(worker, route, worker_request)
+            call = self._call(worker, route, worker_request, trace.call_metadata())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -287,16 +306,19 @@ class RouterCore:
                 worker.inflight.pop(request_id, None)
                 tried.add(worker.worker_id)
                 continue
+            trace.first_response(first)
             text = TextStream(tokenizer.detokenizer(prompt), list(sampling.stop))
-            return Generation(request_id, info.model, prompt, worker, call, first, text, route, info.block_size or 16)
+            return Generation(request_id, info.model, prompt, worker, call, first, text, route, info.block_size or 16,
+                              trace)  # fmt: skip
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error})")
 
     def _call(
-        self, worker: WorkerState, route: RouteInfo, request: worker_pb2.WorkerGenerateRequest
+        self, worker: WorkerState, route: RouteInfo, request: worker_pb2.WorkerGenerateRequest,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> grpc.aio.UnaryStreamCall:
         timeout = self.settings.request_timeout_s
         if worker.info.role != "decode":
-            return worker.stub.Generate(request, timeout=timeout)
+            return worker.stub.Generate(request, timeout=timeout, metadata=metadata)
         prefill_address = ""
         if route.prefill_worker is not None:
             # Counted on the prefill worker until the first token: that is its share of the work.
@@ -305,7 +327,7 @@ class RouterCore:
         fallbacks = [w.info.address for w in route.fallback_prefill_workers]
         decode = worker_pb2.DecodeRequest(request=request, prefill_address=prefill_address,
                                           fallback_prefill_addresses=fallbacks)  # fmt: skip
-        return worker.stub.Decode(decode, timeout=timeout)
+        return worker.stub.Decode(decode, timeout=timeout, metadata=metadata)
 
     def _checked_sampling(
         self, sampling: common_pb2.SamplingParams, prompt_len: int, info: common_pb2.InstanceInfo

@@ -181,8 +181,9 @@ class Engine:
             seq.status = SequenceStatus.FINISHED
             if not seq.keep_kv:
                 self.requests.pop(seq.request_id, None)
+        queue_s = seq.admitted_at - seq.added_at if seq.num_output_tokens == 1 and seq.admitted_at else None
         return RequestOutput(seq.request_id, [token], text, reason, [logprob] if logprob else None,
-                             seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt_tokens)
+                             seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt_tokens, queue_s)
 
     def _release_text(self, seq: Sequence, final: bool) -> tuple[str, bool]:
         """Newly releasable text, holding back a tail that could still grow into a stop string."""

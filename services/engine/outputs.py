@@ -33,6 +33,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    # Seconds the request waited before first scheduled; set on its first locally prefilled token.
+    queue_s: float | None = None
 
     @property
     def finished(self) -> bool:

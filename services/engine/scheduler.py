@@ -9,6 +9,7 @@ and it goes back to the front of the queue.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from services.engine.block_manager import BlockManager
@@ -87,6 +88,7 @@ class Scheduler:
             self.waiting.popleft()
             if not seq.admitted:
                 seq.admitted = True
+                seq.admitted_at = time.monotonic()
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
                 self.blocks.prefix_hit_tokens += seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING

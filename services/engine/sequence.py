@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,9 @@ class Sequence:
     # At most this many tokens computed per step (0 = the step's budget): a disaggregated
     # prefill takes its prompt in small steps so its finished blocks can be sent meanwhile.
     max_tokens_per_step: int = 0
+    # Monotonic times of arrival and first admission: the request's queueing time.
+    added_at: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0
 
     @property
     def num_tokens(self) -> int:

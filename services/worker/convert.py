@@ -43,6 +43,9 @@ def output_to_proto(output: RequestOutput, elapsed_s: float) -> worker_pb2.Worke
             for lp in output.logprobs or []
         ],
     )
+    if output.queue_s is not None:
+        response.timings.CopyFrom(worker_pb2.WorkerTimings(queue_s=output.queue_s,
+                                                           prefill_s=max(elapsed_s - output.queue_s, 0.0)))
     if output.finished:
         response.usage.CopyFrom(
             common_pb2.Usage(prompt_tokens=output.num_prompt_tokens, completion_tokens=output.num_output_tokens,

@@ -32,8 +32,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from kvmesh.grpc_service import insecure_channel
+from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
 from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.kv_transfer import KvExport
@@ -41,6 +43,7 @@ from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
 from services.worker.kv_wire import DEFAULT_CHUNK_BLOCKS, ChunkAssembler, TransferError, export_to_chunks
+from services.worker.request_trace import record_prefill_phases
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ async def serve_prefill(
     request = pull.request
     sampling: SamplingParams = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1, stop=[])
     prefill_id = f"prefill-{request.request_id}-{uuid.uuid4().hex[:6]}"
+    started_s = time.time()
     queue: asyncio.Queue[KvExport | None] = asyncio.Queue()
     blocks = FinishedBlocks(prefill_id, pull.skip_blocks, queue)
     outputs = engine.generate(prefill_id, list(request.token_ids), sampling, keep_kv=True, on_step=blocks,
@@ -132,6 +136,9 @@ async def serve_prefill(
                 sent += 1
                 yield chunk
         last = await prefill
+        record_prefill_phases(trace.get_current_span(), started_s, last.queue_s or 0.0,
+                              time.time() - started_s - (last.queue_s or 0.0), len(request.token_ids),
+                              last.num_cached_tokens)  # fmt: skip
         rest = await engine.run(blocks.rest)
         released = True
         chunks = list(export_to_chunks(rest, rest.first_block, chunk_blocks, pull.transfer_id, request.request_id,
@@ -169,7 +176,8 @@ async def pull_prefill(
                                           request=request, skip_blocks=skip_blocks,
                                           prefill_chunk_tokens=prefill_chunk_tokens)  # fmt: skip
     async with insecure_channel(prefill_address) as channel:
-        async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s):
+        async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s,
+                                                                           metadata=outgoing_metadata()):
             if first_chunk_at is None:
                 first_chunk_at, first_chunk_bytes = time.monotonic(), len(chunk.data)
             assembler.add(chunk)

@@ -14,6 +14,7 @@ from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc, worker_pb2, worker_
 from services.engine.async_engine import AsyncEngine
 from services.engine.config import DEFAULT_MODEL, EngineConfig
 from services.engine.llm_engine import Engine
+from services.worker import metrics
 from services.worker.kv_publisher import KvEventPublisher
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
@@ -63,6 +64,7 @@ async def serve(settings: WorkerSettings) -> None:
         block_size=settings.block_size, capabilities=["kv_events", "kv_transfer"], engine=settings.engine,
         capacity_blocks=engine.stats().blocks_total, max_model_len=engine.max_model_len,
     )  # fmt: skip
+    metrics.INFO.labels(settings.instance_id, settings.role, engine.model_id).set(1)
     try:
         await publisher.start()
         await process.run_until_signal(info)

@@ -22,6 +22,8 @@ from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
 from services.worker.disagg import TransferStats, pull_with_retries
 from services.worker.errors import engine_errors_as_status
+from services.worker.metrics import TRANSFER_FALLBACKS, observe_stats
+from services.worker.request_trace import WorkerRequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +48,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        async for response in self._serve(request, context, prefill_addresses=[]):
+        async for response in self._serve(request, context, prefill_addresses=[], rpc="Generate"):
             yield response
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         addresses = [a for a in (request.prefill_address, *request.fallback_prefill_addresses) if a]
-        async for response in self._serve(request.request, context, prefill_addresses=addresses):
+        async for response in self._serve(request.request, context, prefill_addresses=addresses, rpc="Decode"):
             yield response
 
     async def _serve(
         self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext,
-        prefill_addresses: list[str],
+        prefill_addresses: list[str], rpc: str,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         if request.model and request.model != self.model_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -74,16 +76,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         started = time.monotonic()
         self._prompt_tokens += len(request.token_ids)
         self.live.add(request.request_id)
+        trace = WorkerRequestTrace(f"worker.{rpc}", context, request, "remote" if prefill_addresses else "local")
         try:
             if prefill_addresses:
-                outputs = self._remote_prefill_outputs(request, sampling, prefill_addresses, started)
+                outputs = self._remote_prefill_outputs(request, sampling, prefill_addresses, started, trace)
             else:
                 outputs = self._local_outputs(request, sampling, started)
             async with engine_errors_as_status(context), contextlib.aclosing(outputs):
                 async for response in outputs:
                     self._tokens_done += len(response.token_ids)
+                    trace.on_response(response)
                     yield response
         finally:
+            trace.finish()
             self.live.discard(request.request_id)
             self._changed.set()
 
@@ -97,14 +102,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _remote_prefill_outputs(
         self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, prefill_addresses: list[str],
-        started: float,
+        started: float, trace: WorkerRequestTrace,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         """Pull the prompt's KV and first token from a prefill worker, then decode here; when no
         pull succeeds (see ``pull_with_retries``), prefill locally."""
         tokens = list(request.token_ids)
         skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
-        pulled = await pull_with_retries(prefill_addresses, request, skip, self.transfer_timeout_s, self.transfers)
+        with trace.kv_transfer() as span:
+            pulled = await pull_with_retries(prefill_addresses, request, skip, self.transfer_timeout_s,
+                                             self.transfers)  # fmt: skip
+            if pulled is not None:
+                trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.next_block - skip,
+                                  pulled.seconds, pulled.transfer_seconds)  # fmt: skip
         if pulled is None:
+            TRANSFER_FALLBACKS.inc()
+            trace.path = "fallback"
             async for response in self._local_outputs(request, sampling, started):
                 yield response
             return
@@ -121,6 +133,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             request_id=request.request_id, token_ids=[first.token_id], finish_reason=done,
             cached_tokens=pulled.cached_tokens, worker_time_s=time.monotonic() - started,
             logprobs=[first] if sampling.logprobs else [],
+            timings=worker_pb2.WorkerTimings(prefill_s=pulled.seconds - pulled.transfer_seconds,
+                                             transfer_s=pulled.transfer_seconds),
         )  # fmt: skip
         yield response
         if done:
@@ -144,7 +158,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         rate = (self._tokens_done - tokens_then) / (now - then) if now > then else 0.0
         if now - then > 1.0:
             self._rate = (now, self._tokens_done)
-        return worker_pb2.WorkerStats(
+        report = worker_pb2.WorkerStats(
             worker_id=self.worker_id,
             running_requests=s.running,
             waiting_requests=s.waiting,
@@ -157,6 +171,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             unix_ms=int(taken_s * 1000),
             role=self.role,
         )
+        observe_stats(report)
+        return report
 
     async def Stats(
         self, request: worker_pb2.WorkerStatsRequest, context: grpc.aio.ServicerContext

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from kvmesh.telemetry import incoming_context, start_span
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.worker.disagg import serve_prefill
 from services.worker.errors import engine_errors_as_status
+from services.worker.metrics import observe_transfer
 
 
 class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
@@ -27,6 +31,10 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
         if request.request.model and request.request.model != model:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"this worker serves {model}, not {request.request.model}")  # fmt: skip
-        async with engine_errors_as_status(context):
-            async for chunk in serve_prefill(self.engine, request, self.prefill_chunk_tokens):
-                yield chunk
+        span = start_span("worker.PullBlocks", incoming_context(context), SpanKind.SERVER,
+                          attributes={"kvmesh.request_id": request.request_id})  # fmt: skip
+        with trace.use_span(span, end_on_exit=True):
+            async with engine_errors_as_status(context):
+                async for chunk in serve_prefill(self.engine, request, self.prefill_chunk_tokens):
+                    observe_transfer("sent", len(chunk.data), len(chunk.block_indices) if not chunk.layer_start else 0)
+                    yield chunk

@@ -7,19 +7,17 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from kvmesh.grpc_service import insecure_channel
-from kvmesh.launcher import LocalStack, StackOptions
-from kvmesh.local_stores import free_port
+from kvmesh.launcher import LocalStack
 from kvmesh.status import collect_status
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.sampling_params import SamplingParams
-from tests.fixtures.mesh import WORKER_ENV
+from tests.fixtures.mesh import disaggregated_stack
 
 WORDS = [
     "harbor",
@@ -47,22 +45,10 @@ LOCAL_PREFILL_TOKENS = "64"
 
 @pytest.fixture(scope="module")
 def disagg(etcd_server, redis_server, tmp_path_factory) -> Iterator[LocalStack]:
-    options = StackOptions(
-        prefill=1, decode=1, namespace=f"dis{uuid.uuid4().hex[:6]}", etcd_endpoint=etcd_server.endpoint,
-        redis_url=f"redis://{redis_server.endpoint}/0", state_dir=tmp_path_factory.mktemp("disagg"),
-        grpc_port=free_port(), http_port=free_port(), ready_timeout_s=240, worker_env=WORKER_ENV,
-    )  # fmt: skip
-    stack = LocalStack(options)
-    stack.log_dir.mkdir(parents=True, exist_ok=True)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("KVMESH_MAX_LOCAL_PREFILL_TOKENS", LOCAL_PREFILL_TOKENS)  # read by the router only
-        stack.start_services()
-    try:
-        stack.wait_healthy()
-        stack.wait_router_workers(http(stack), 2)
+    # KVMESH_MAX_LOCAL_PREFILL_TOKENS is read by the router only.
+    with disaggregated_stack(etcd_server, redis_server, tmp_path_factory.mktemp("disagg"),
+                             {"KVMESH_MAX_LOCAL_PREFILL_TOKENS": LOCAL_PREFILL_TOKENS}) as stack:  # fmt: skip
         yield stack
-    finally:
-        stack.stop()
 
 
 def http(stack: LocalStack) -> str:
