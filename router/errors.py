@@ -16,13 +16,15 @@ class RouterError(Exception):
     param: str | None = None
     # For RESOURCE_EXHAUSTED: when a retry can succeed (HTTP Retry-After, gRPC trailing metadata).
     retry_after_s: float | None = None
+    # When HTTP has a more precise status than the gRPC code's (413 for a body too large).
+    http_status_code: int | None = None
 
     def __str__(self) -> str:
         return self.message
 
     @property
     def http_status(self) -> int:
-        return _HTTP_STATUS.get(self.code, 500)
+        return self.http_status_code or _HTTP_STATUS.get(self.code, 500)
 
     @property
     def openai_type(self) -> str:

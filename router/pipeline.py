@@ -20,8 +20,11 @@ import grpc
 from kvmesh.config import RouterSettings
 from kvmesh.hashing import block_hashes
 from kvmesh_proto.v1 import common_pb2, worker_pb2
-from router.errors import RouterError, invalid
+from router.admission import InflightLimit, InflightSlot
+from router.auth import FrontDoorAuth
+from router.errors import RouterError, exhausted, invalid
 from router.kv_index import KvIndexClient
+from router.request_limits import check_request_limits
 from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv
 from router.text_stream import TextStream
 from router.tokenizers import TokenizerCache
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 DEFAULT_MAX_TOKENS = 1024
 _MAX_ATTEMPTS = 3
+# Before the first token these go to another worker: gone (UNAVAILABLE) or queue full (RESOURCE_EXHAUSTED).
+_RETRIABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass
@@ -45,6 +50,8 @@ class GenerationInput:
     token_ids: list[int] | None = None
     sampling: common_pb2.SamplingParams = field(default_factory=common_pb2.SamplingParams)
     request_id: str = ""
+    # Seconds the client will wait (its gRPC deadline); None = the router's request_timeout_s.
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Generation:
         self._first: worker_pb2.WorkerGenerateResponse | None = first
         self._text = text
         self._block_size = block_size
+        self.slot: InflightSlot | None = None
 
     @property
     def worker_id(self) -> str:
@@ -153,6 +161,8 @@ class Generation:
         if not self._call.done():
             self._call.cancel()
         self.worker.finish(self.request_id)
+        if self.slot is not None:
+            self.slot.release()
 
 
 class RouterCore:
@@ -161,6 +171,8 @@ class RouterCore:
         self.pool = pool
         self.kv_index = kv_index
         self.tokenizers = TokenizerCache()
+        self.auth = FrontDoorAuth.from_settings(settings)
+        self.admission = InflightLimit(settings.max_inflight_requests)
         self._round_robin = RoundRobin()
         self._rng = random.Random()
 
@@ -251,6 +263,18 @@ class RouterCore:
 
     # -- the request -----------------------------------------------------------------------
     async def open(self, request: GenerationInput) -> Generation:
+        """Admit (bounded in-flight count), then open; the slot is held until the generation closes."""
+        slot = self.admission.acquire()
+        try:
+            generation = await self._open(request)
+        except BaseException:
+            slot.release()
+            raise
+        generation.slot = slot
+        return generation
+
+    async def _open(self, request: GenerationInput) -> Generation:
+        check_request_limits(self.settings, request.messages, request.token_ids, request.sampling.max_tokens)
         info = self.resolve_model(request.model)
         prompt, tokenizer = await self.tokenize(request, info)
         sampling = self._checked_sampling(request.sampling, len(prompt), info)
@@ -261,19 +285,26 @@ class RouterCore:
         )
         tried: set[str] = set()
         last_error = ""
+        busy = False
         for _ in range(_MAX_ATTEMPTS):
-            worker, route = await self.route(info, hashes, tried)
+            try:
+                worker, route = await self.route(info, hashes, tried)
+            except RouterError:
+                if not tried:
+                    raise
+                break  # every worker was tried
             worker.inflight[request_id] = len(hashes) + 1
-            call = self._call(worker, route, worker_request)
+            call = self._call(worker, route, worker_request, request.timeout_s)
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 worker.inflight.pop(request_id, None)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in _RETRIABLE:
                     raise RouterError(exc.code(), exc.details() or exc.code().name) from exc
+                busy = busy or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 tried.add(worker.worker_id)
                 last_error = exc.details() or "unavailable"
-                log.warning("worker %s unavailable before the first token (%s); retrying", worker.worker_id, last_error)
+                log.warning("worker %s refused before the first token (%s); retrying", worker.worker_id, last_error)
                 continue
             finally:
                 if route.prefill_worker is not None:
@@ -284,12 +315,17 @@ class RouterCore:
                 continue
             text = TextStream(tokenizer.detokenizer(prompt), list(sampling.stop))
             return Generation(request_id, info.model, prompt, worker, call, first, text, route, info.block_size or 16)
+        if busy:
+            raise exhausted(f"every worker is at its queue limit ({last_error}); retry shortly", 1.0)
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error})")
 
     def _call(
-        self, worker: WorkerState, route: RouteInfo, request: worker_pb2.WorkerGenerateRequest
+        self, worker: WorkerState, route: RouteInfo, request: worker_pb2.WorkerGenerateRequest,
+        client_timeout_s: float | None,
     ) -> grpc.aio.UnaryStreamCall:
-        timeout = self.settings.request_timeout_s
+        # The client's deadline travels on to the worker, which aborts the request (freeing its
+        # blocks) when it passes, whether or not the router noticed the client leave.
+        timeout = min(self.settings.request_timeout_s, client_timeout_s or self.settings.request_timeout_s)
         if worker.info.role != "decode":
             return worker.stub.Generate(request, timeout=timeout)
         prefill_address = ""

@@ -10,6 +10,7 @@ The KV-event callback, if any, runs on the engine thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
@@ -113,7 +114,14 @@ class AsyncEngine:
             else:
                 add = lambda e: e.add_request_with_kv(request_id, token_ids, sampling, kv,  # noqa: E731
                                                       output_token_ids, kv_first_block)
-            await self.run(add)
+            try:
+                await self.run(add)
+            except asyncio.CancelledError:
+                # The add is queued on the engine thread and will still run: queue its undo
+                # behind it, or a request whose caller is gone would hold blocks to the end.
+                with contextlib.suppress(EngineDeadError):
+                    self.call(lambda e: e.abort(request_id))
+                raise
             added = True
             while True:
                 item = await queue.get()

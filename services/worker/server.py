@@ -50,7 +50,8 @@ async def serve(settings: WorkerSettings) -> None:
     engine = await asyncio.to_thread(build_engine, settings)
     async_engine = AsyncEngine(engine)
     process = ServiceProcess(settings, SERVICE_NAMES)
-    servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms)
+    servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms,
+                              max_waiting_requests=settings.max_waiting_requests)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
     transfer_pb2_grpc.add_KvTransferServicer_to_server(KvTransferServicer(async_engine), process.server)
     publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,
