@@ -35,6 +35,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--etcd-endpoint", default="", help="use this etcd instead of starting one")
     up.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     up.add_argument("--state-dir", type=Path, default=Path(".kvmesh"), help="logs and stack.json")
+    up.add_argument("--api-key", action="append", default=[], dest="api_keys",
+                    help="API key the router requires (repeatable; or KVMESH_API_KEYS, comma-separated)")
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for health")
 
 
@@ -75,6 +77,7 @@ def _up(args: argparse.Namespace) -> int:
             engine=args.engine, router_mode=args.router_mode, http_port=args.http_port,
             grpc_port=args.grpc_port, namespace=args.namespace, etcd_endpoint=args.etcd_endpoint,
             redis_url=args.redis_url, state_dir=args.state_dir, ready_timeout_s=args.ready_timeout,
+            api_keys=args.api_keys,
         )  # fmt: skip
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)

@@ -101,16 +101,23 @@ def _channel_credentials(root_certificates: bytes | None) -> grpc.ChannelCredent
     return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The router's API-key metadata (``authorization: Bearer KEY``), sent with every call."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class Client:
     """Blocking client of a kvmesh router."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float = 600.0, retries: int = 2,
-                 tls: bool = False, root_certificates: bytes | None = None) -> None:  # fmt: skip
+                 tls: bool = False, root_certificates: bytes | None = None, api_key: str | None = None
+                 ) -> None:  # fmt: skip
         self._channel = (grpc.secure_channel(address, _channel_credentials(root_certificates)) if tls
                          else grpc.insecure_channel(address))  # fmt: skip
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self.timeout = timeout
         self.retries = retries
+        self._metadata = _auth_metadata(api_key)
 
     def __enter__(self) -> Client:
         return self
@@ -124,7 +131,7 @@ class Client:
     def stream(self, prompt: str | None = None, **kwargs: object) -> Iterator[StreamChunk]:
         request = build_request(prompt, **kwargs)  # type: ignore[arg-type]
         for attempt in range(self.retries + 1):
-            call = self._stub.Generate(request, timeout=self.timeout)
+            call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
             try:
                 first = next(call)
             except StopIteration:
@@ -146,19 +153,22 @@ class Client:
         return _collect(list(self.stream(prompt, **kwargs)))
 
     def models(self) -> list[str]:
-        return [m.name for m in self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout).models]
+        return [m.name for m in self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout,
+                                            metadata=self._metadata).models]
 
 
 class AsyncClient:
     """asyncio twin of ``Client``."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float = 600.0, retries: int = 2,
-                 tls: bool = False, root_certificates: bytes | None = None) -> None:  # fmt: skip
+                 tls: bool = False, root_certificates: bytes | None = None, api_key: str | None = None
+                 ) -> None:  # fmt: skip
         self._channel = (grpc.aio.secure_channel(address, _channel_credentials(root_certificates)) if tls
                          else grpc.aio.insecure_channel(address))  # fmt: skip
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self.timeout = timeout
         self.retries = retries
+        self._metadata = _auth_metadata(api_key)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -172,7 +182,7 @@ class AsyncClient:
     async def stream(self, prompt: str | None = None, **kwargs: object) -> AsyncIterator[StreamChunk]:
         request = build_request(prompt, **kwargs)  # type: ignore[arg-type]
         for attempt in range(self.retries + 1):
-            call = self._stub.Generate(request, timeout=self.timeout)
+            call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -194,5 +204,6 @@ class AsyncClient:
         return _collect([chunk async for chunk in self.stream(prompt, **kwargs)])
 
     async def models(self) -> list[str]:
-        reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout)
+        reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout,
+                                            metadata=self._metadata)
         return [m.name for m in reply.models]

@@ -112,6 +112,9 @@ class WorkerSettings(ServiceSettings):
         "disaggregated prefill: prompt tokens per engine step, finished blocks sent meanwhile; 0 = whole prompt"))
     transfer_timeout_s: float = dataclasses.field(default=60.0, metadata=_help(
         "decode worker: give up a KV pull after this long (then the next prefill worker, or prefill locally)"))
+    max_waiting_requests: int = dataclasses.field(
+        default=64, metadata=_help("requests queued beyond the running batch before the worker refuses; 0 = no limit")
+    )
 
     kind = "worker"
 
@@ -154,6 +157,20 @@ class RouterSettings(ServiceSettings):
         default=8, metadata=_help("disaggregated: a prefill worker with this many waiting requests is saturated")
     )
     request_timeout_s: float = dataclasses.field(default=600.0, metadata=_help("per-request deadline"))
+    api_keys: str = dataclasses.field(
+        default="", metadata=_help("comma-separated API keys for both front doors; empty = no key needed")
+    )
+    api_key_rate_limit: float = dataclasses.field(
+        default=0.0, metadata=_help("requests per second each API key may send; 0 = unlimited")
+    )
+    api_key_burst: int = dataclasses.field(default=0, metadata=_help("requests a key may send at once; 0 = its rate"))
+    max_inflight_requests: int = dataclasses.field(
+        default=256, metadata=_help("requests in flight beyond which the router answers 429; 0 = no limit")
+    )
+    max_body_bytes: int = dataclasses.field(default=8 * 1024 * 1024, metadata=_help("largest HTTP request body"))
+    max_messages: int = dataclasses.field(default=1024, metadata=_help("most chat messages in one request"))
+    max_prompt_tokens: int = dataclasses.field(default=1 << 20, metadata=_help("longest pre-tokenized prompt"))
+    max_output_tokens: int = dataclasses.field(default=32768, metadata=_help("largest max_tokens accepted"))
 
     kind = "router"
 
@@ -163,6 +180,8 @@ class RouterSettings(ServiceSettings):
             raise ValueError(f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {self.router_mode!r}")
         if self.overlap_weight < 0 or self.router_temperature < 0:
             raise ValueError("overlap_weight and router_temperature must be >= 0")
+        if self.api_key_rate_limit < 0 or self.api_key_burst < 0 or self.max_inflight_requests < 0:
+            raise ValueError("api_key_rate_limit, api_key_burst and max_inflight_requests must be >= 0")
 
 
 S = TypeVar("S", bound=ServiceSettings)

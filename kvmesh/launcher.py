@@ -57,6 +57,8 @@ class StackOptions:
     redis_url: str = ""
     state_dir: Path = field(default_factory=lambda: Path(".kvmesh"))
     ready_timeout_s: float = 300.0
+    # API keys the router requires (`--api-key`, repeatable); none = an open front door.
+    api_keys: list[str] = field(default_factory=list)
     # Extra environment for workers (e.g. KVMESH_DTYPE=float32 in tests).
     worker_env: dict[str, str] = field(default_factory=dict)
 
@@ -143,8 +145,10 @@ class LocalStack:
 
     def add_router(self, name: str, mode: str, grpc_port: int, http_port: int) -> str:
         instance_id = f"{name}-{self.options.namespace}"
+        # Keys go by environment, not argv, so `ps` does not show them.
+        env = {"KVMESH_API_KEYS": ",".join(self.options.api_keys)} if self.options.api_keys else None
         self.spawn(name, instance_id, "router.server",
-                   ["--port", str(grpc_port), "--http-port", str(http_port), "--router-mode", mode])  # fmt: skip
+                   ["--port", str(grpc_port), "--http-port", str(http_port), "--router-mode", mode], env)  # fmt: skip
         return instance_id
 
     def start_services(self) -> None:

@@ -32,6 +32,7 @@ async def _describe(info: common_pb2.InstanceInfo) -> dict[str, Any]:
         "address": info.address,
         "role": info.role,
         "model": info.model,
+        "pid": info.pid,
         "healthy": await check_health(info.address),
     }
     if info.engine:

@@ -3,6 +3,7 @@ its HTTP status and OpenAI error type, so the two front doors always agree."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -13,13 +14,17 @@ class RouterError(Exception):
     code: grpc.StatusCode
     message: str
     param: str | None = None
+    # For RESOURCE_EXHAUSTED: when a retry can succeed (HTTP Retry-After, gRPC trailing metadata).
+    retry_after_s: float | None = None
+    # When HTTP has a more precise status than the gRPC code's (413 for a body too large).
+    http_status_code: int | None = None
 
     def __str__(self) -> str:
         return self.message
 
     @property
     def http_status(self) -> int:
-        return _HTTP_STATUS.get(self.code, 500)
+        return self.http_status_code or _HTTP_STATUS.get(self.code, 500)
 
     @property
     def openai_type(self) -> str:
@@ -56,6 +61,15 @@ _OPENAI_TYPE = {
     grpc.StatusCode.PERMISSION_DENIED: "permission_error",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "rate_limit_error",
 }
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After is whole seconds; never 0, so a client cannot spin."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def exhausted(message: str, retry_after_s: float) -> RouterError:
+    return RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s=retry_after_s)
 
 
 def invalid(message: str, param: str | None = None) -> RouterError:

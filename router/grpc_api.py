@@ -7,11 +7,18 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvmesh_proto.v1 import router_pb2, router_pb2_grpc
-from router.errors import RouterError, invalid
+from router.auth import grpc_authorization
+from router.errors import RouterError, invalid, retry_after_header
 from router.pipeline import GenerationInput, RouterCore
 
 
-def generation_input(request: router_pb2.GenerateRequest) -> GenerationInput:
+async def abort_with(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+    """End the call with the error's status; a back-off hint travels as ``retry-after`` metadata."""
+    trailing = () if exc.retry_after_s is None else (("retry-after", retry_after_header(exc.retry_after_s)),)
+    await context.abort(exc.code, exc.message, trailing_metadata=trailing)
+
+
+def generation_input(request: router_pb2.GenerateRequest, timeout_s: float | None = None) -> GenerationInput:
     kind = request.WhichOneof("input")
     if kind is None:
         raise invalid("one of prompt, chat or tokens is required", "input")
@@ -22,6 +29,7 @@ def generation_input(request: router_pb2.GenerateRequest) -> GenerationInput:
         token_ids=list(request.tokens.token_ids) if kind == "tokens" else None,
         sampling=request.sampling,
         request_id=request.request_id,
+        timeout_s=timeout_s,
     )
 
 
@@ -33,7 +41,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         try:
-            generation = await self.core.open(generation_input(request))
+            self.core.auth.admit(grpc_authorization(context))
+            generation = await self.core.open(generation_input(request, context.time_remaining()))
             await context.send_initial_metadata((("x-kvmesh-worker", generation.worker_id),))
             async for chunk in generation.chunks():
                 yield router_pb2.GenerateResponse(
@@ -46,11 +55,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     worker_id=generation.worker_id,
                 )
         except RouterError as exc:
-            await context.abort(exc.code, exc.message)
+            await abort_with(context, exc)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self.core.auth.admit(grpc_authorization(context), rate_limited=False)
+        except RouterError as exc:
+            await abort_with(context, exc)
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListModelsResponse:
+        await self._authenticate(context)
         return router_pb2.ListModelsResponse(
             models=[
                 router_pb2.ModelCard(name=name, workers=len(infos), block_size=infos[0].block_size)
@@ -61,6 +77,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Status(
         self, request: router_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.StatusResponse:
+        await self._authenticate(context)
         workers = []
         for state in sorted(self.core.pool.workers.values(), key=lambda s: s.worker_id):
             stats = state.stats

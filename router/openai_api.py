@@ -14,13 +14,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvmesh_proto.v1 import common_pb2
 from router.dashboard import add_dashboard_routes
-from router.errors import RouterError, invalid
+from router.errors import RouterError, invalid, retry_after_header
 from router.pipeline import Chunk, Generation, GenerationInput, RouterCore
+from router.request_limits import read_body
 
 WORKER_HEADER = "x-kvmesh-worker"
 ROUTE_HEADER = "x-kvmesh-route"  # which path: kv, round_robin, disagg-remote, disagg-local, ...
@@ -28,11 +29,12 @@ PREFILL_HEADER = "x-kvmesh-prefill-worker"
 
 
 def _error_response(exc: RouterError) -> JSONResponse:
-    return JSONResponse(exc.openai_body(), status_code=exc.http_status)
+    headers = {} if exc.retry_after_s is None else {"retry-after": retry_after_header(exc.retry_after_s)}
+    return JSONResponse(exc.openai_body(), status_code=exc.http_status, headers=headers)
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    raw = await read_body(request, max_bytes)
     try:
         body = json.loads(raw)
     except UnicodeDecodeError as exc:
@@ -248,6 +250,12 @@ def create_app(core: RouterCore) -> FastAPI:
     app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None)
     add_dashboard_routes(app, core)
 
+    def api_key(request: Request) -> None:
+        """Every /v1 path needs a key (when keys are set); only generation counts against its rate."""
+        core.auth.admit(request.headers.get("authorization"), rate_limited=request.method == "POST")
+
+    keyed = [Depends(api_key)]
+
     @app.exception_handler(RouterError)
     async def router_error(request: Request, exc: RouterError) -> JSONResponse:
         return _error_response(exc)
@@ -259,7 +267,7 @@ def create_app(core: RouterCore) -> FastAPI:
                 "kvstore_available": core.kv_index.available}  # fmt: skip
         return JSONResponse(body, status_code=200 if workers else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def models() -> JSONResponse:
         now = int(time.time())
         data = [{"id": name, "object": "model", "created": now, "owned_by": "kvmesh", "root": infos[0].model_spec}
@@ -267,7 +275,7 @@ def create_app(core: RouterCore) -> FastAPI:
         return JSONResponse({"object": "list", "data": data})
 
     async def serve(request: Request, chat: bool) -> Any:
-        body = await _json_body(request)
+        body = await _json_body(request, core.settings.max_body_bytes)
         generation_input = _chat_input(body) if chat else _completion_input(body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -287,11 +295,11 @@ def create_app(core: RouterCore) -> FastAPI:
             generation.close()
         return JSONResponse(await formatter.full(chunks), headers=headers)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: Request) -> Any:
         return await serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: Request) -> Any:
         return await serve(request, chat=True)
 

@@ -20,8 +20,11 @@ import grpc
 from kvmesh.config import RouterSettings
 from kvmesh.hashing import block_hashes
 from kvmesh_proto.v1 import common_pb2, worker_pb2
-from router.errors import RouterError, invalid
+from router.admission import InflightLimit, InflightSlot
+from router.auth import FrontDoorAuth
+from router.errors import RouterError, exhausted, invalid
 from router.kv_index import KvIndexClient
+from router.request_limits import check_request_limits
 from router.request_trace import RecentRequests, RouterRequestTrace
 from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv, rank_by_cost
 from router.text_stream import TextStream
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 DEFAULT_MAX_TOKENS = 1024
 _MAX_ATTEMPTS = 3
+# Before the first token these go to another worker: gone (UNAVAILABLE) or queue full (RESOURCE_EXHAUSTED).
+_RETRIABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass
@@ -46,6 +51,8 @@ class GenerationInput:
     token_ids: list[int] | None = None
     sampling: common_pb2.SamplingParams = field(default_factory=common_pb2.SamplingParams)
     request_id: str = ""
+    # Seconds the client will wait (its gRPC deadline); None = the router's request_timeout_s.
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -100,6 +107,7 @@ class Generation:
         self._text = text
         self._block_size = block_size
         self.trace = trace
+        self.slot: InflightSlot | None = None
 
     @property
     def worker_id(self) -> str:
@@ -160,6 +168,8 @@ class Generation:
             self._call.cancel()
         self.worker.finish(self.request_id)
         self.trace.finish(request_id=self.request_id, finish_reason=self.finish_reason)
+        if self.slot is not None:
+            self.slot.release()
 
 
 class RouterCore:
@@ -168,6 +178,8 @@ class RouterCore:
         self.pool = pool
         self.kv_index = kv_index
         self.tokenizers = TokenizerCache()
+        self.auth = FrontDoorAuth.from_settings(settings)
+        self.admission = InflightLimit(settings.max_inflight_requests)
         self._round_robin = RoundRobin()
         self._rng = random.Random()
         self.recent = RecentRequests()
@@ -264,14 +276,20 @@ class RouterCore:
 
     # -- the request -----------------------------------------------------------------------
     async def open(self, request: GenerationInput) -> Generation:
+        """Admit (bounded in-flight count), then open; the slot is held until the generation closes."""
         trace = RouterRequestTrace(request, self.settings.router_mode, self.recent)
+        slot = self.admission.acquire()
         try:
-            return await self._open(request, trace)
+            generation = await self._open(request, trace)
         except BaseException as exc:
+            slot.release()
             trace.finish(exc, request.request_id)
             raise
+        generation.slot = slot
+        return generation
 
     async def _open(self, request: GenerationInput, trace: RouterRequestTrace) -> Generation:
+        check_request_limits(self.settings, request.messages, request.token_ids, request.sampling.max_tokens)
         info = self.resolve_model(request.model)
         with trace.phase("tokenize"):
             prompt, tokenizer = await self.tokenize(request, info)
@@ -283,21 +301,28 @@ class RouterCore:
         )
         tried: set[str] = set()
         last_error = ""
+        busy = False
         for _ in range(_MAX_ATTEMPTS):
-            with trace.phase("route") as span:
-                worker, route = await self.route(info, hashes, tried)
-                trace.routed(span, route, len(prompt))
+            try:
+                with trace.phase("route") as span:
+                    worker, route = await self.route(info, hashes, tried)
+                    trace.routed(span, route, len(prompt))
+            except RouterError:
+                if not tried:
+                    raise
+                break  # every worker was tried
             worker.inflight[request_id] = len(hashes) + 1
-            call = self._call(worker, route, worker_request, trace.call_metadata())
+            call = self._call(worker, route, worker_request, request.timeout_s, trace.call_metadata())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 worker.inflight.pop(request_id, None)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in _RETRIABLE:
                     raise RouterError(exc.code(), exc.details() or exc.code().name) from exc
+                busy = busy or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 tried.add(worker.worker_id)
                 last_error = exc.details() or "unavailable"
-                log.warning("worker %s unavailable before the first token (%s); retrying", worker.worker_id, last_error)
+                log.warning("worker %s refused before the first token (%s); retrying", worker.worker_id, last_error)
                 continue
             finally:
                 if route.prefill_worker is not None:
@@ -310,13 +335,17 @@ class RouterCore:
             text = TextStream(tokenizer.detokenizer(prompt), list(sampling.stop))
             return Generation(request_id, info.model, prompt, worker, call, first, text, route, info.block_size or 16,
                               trace)  # fmt: skip
+        if busy:
+            raise exhausted(f"every worker is at its queue limit ({last_error}); retry shortly", 1.0)
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error})")
 
     def _call(
         self, worker: WorkerState, route: RouteInfo, request: worker_pb2.WorkerGenerateRequest,
-        metadata: tuple[tuple[str, str], ...] | None = None,
+        client_timeout_s: float | None, metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> grpc.aio.UnaryStreamCall:
-        timeout = self.settings.request_timeout_s
+        # The client's deadline travels on to the worker, which aborts the request (freeing its
+        # blocks) when it passes, whether or not the router noticed the client leave.
+        timeout = min(self.settings.request_timeout_s, client_timeout_s or self.settings.request_timeout_s)
         if worker.info.role != "decode":
             return worker.stub.Generate(request, timeout=timeout, metadata=metadata)
         prefill_address = ""

@@ -10,6 +10,7 @@ The KV-event callback, if any, runs on the engine thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
@@ -135,7 +136,14 @@ class AsyncEngine:
                 if on_step is not None:
                     self._step_hooks[request_id] = on_step
 
-            await self.run(add)
+            try:
+                await self.run(add)
+            except asyncio.CancelledError:
+                # The add is queued on the engine thread and will still run: queue its undo
+                # behind it, or a request whose caller is gone would hold blocks to the end.
+                with contextlib.suppress(EngineDeadError):
+                    self.call(lambda e: e.abort(request_id))
+                raise
             added = True
             while True:
                 item = await queue.get()

@@ -52,7 +52,7 @@ async def serve(settings: WorkerSettings) -> None:
     async_engine = AsyncEngine(engine)
     process = ServiceProcess(settings, SERVICE_NAMES)
     servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms,
-                              settings.transfer_timeout_s)  # fmt: skip
+                              settings.transfer_timeout_s, settings.max_waiting_requests)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
     transfer = KvTransferServicer(async_engine, settings.prefill_chunk_tokens)
     transfer_pb2_grpc.add_KvTransferServicer_to_server(transfer, process.server)

@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine, worker_id: str, role: str, stats_interval_ms: int,
-                 transfer_timeout_s: float = 60.0) -> None:  # fmt: skip
+                 transfer_timeout_s: float = 60.0, max_waiting_requests: int = 0) -> None:  # fmt: skip
         self.engine = engine
+        # Requests beyond the running batch wait in the engine; past this many the worker refuses
+        # (RESOURCE_EXHAUSTED: the router tries another worker) rather than queue without bound.
+        self.max_live = engine.engine.config.max_num_seqs + max_waiting_requests if max_waiting_requests else 0
         self.transfer_timeout_s = transfer_timeout_s
         self.transfers = TransferStats()
         self.worker_id = worker_id
@@ -69,6 +72,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
         if request.request_id in self.live:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request.request_id} is already running")
+        if self.max_live and len(self.live) >= self.max_live:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker {self.worker_id} has {len(self.live)} requests, its limit; retry shortly",
+                                trailing_metadata=(("retry-after", "1"),))  # fmt: skip
         try:
             sampling = sampling_from_proto(request.sampling)
         except ValueError as exc:

@@ -63,6 +63,8 @@ def test_up_status_and_clean_teardown(tmp_path: Path):
         rows = json.loads(status.stdout)
         assert {row["id"] for row in rows} == started
         assert all(row["healthy"] for row in rows), rows
+        # Each instance reports its own process id, so tools can signal exactly one service.
+        assert {row["id"]: row["pid"] for row in rows} == {s["instance_id"]: s["pid"] for s in stack["services"]}
         kvstore_row = next(row for row in rows if row["kind"] == "kvstore")
         assert kvstore_row["blocks"] is not None
 
