@@ -50,7 +50,7 @@ class BenchStack:
                 for child in self.stack.children if child.name.startswith("decode")
                 for line in child.log_path.read_text().splitlines() if " pulled " in line]  # fmt: skip
 
-    async def workers(self) -> dict[str, common_pb2.InstanceInfo]:
+    async def live_workers(self) -> dict[str, common_pb2.InstanceInfo]:
         """The live workers as registered in etcd, by instance id."""
         discovery = Discovery(self.stack.etcd_endpoint, self.namespace)
         try:
@@ -59,13 +59,13 @@ class BenchStack:
             await discovery.close()
 
     async def worker_info(self, role: str) -> common_pb2.InstanceInfo:
-        return next(info for info in (await self.workers()).values() if info.role == role)
+        return next(info for info in (await self.live_workers()).values() if info.role == role)
 
     async def measure_overhead(self, samples: int = 40) -> dict:
         """TTFT through the router vs straight to the worker that served it (same prompt, 1 token)."""
         prompt = list(range(100, 164))
         sampling = common_pb2.SamplingParams(max_tokens=1)
-        workers = await self.workers()
+        workers = await self.live_workers()
         router_ms, direct_ms = [], []
         async with grpc.aio.insecure_channel(self.grpc[self.modes[0]]) as router_channel:
             router = router_pb2_grpc.RouterStub(router_channel)
