@@ -169,7 +169,8 @@ def print_tracing_cost(tracing: dict) -> None:
     for mode, figures in tracing["modes"].items():
         print(f"  {mode:<12} output tok/s {figures['output_tokens_per_s']:>7.1f} ({figures['throughput_ratio']:.3f})"
               f"   TTFT p50 {figures['ttft_ms_p50']:>7.1f} ms ({figures['ttft_ratio']:.3f})"
-              f"   router spans exported {figures['router_spans']}")
+              f"   router CPU/request {figures['router_cpu_ms_per_request']:.2f} ms ({figures['router_cpu_ratio']:.3f})"
+              f"   router spans {figures['router_spans']}")
 
 
 def build_parser() -> argparse.ArgumentParser:

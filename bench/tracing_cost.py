@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from bench.otlp_sink import OtlpSink
 from bench.stack import BenchStack
 from kvmesh.local_stores import free_port
@@ -60,7 +62,10 @@ def tracing_compare(
                 for mode in order:
                     for workload in workloads:
                         seed = args.seed + 1000 * round_index + 100 * modes.index(mode)
-                        rows.append(run_one(urls[mode], mode, workload, seed) | {"round": round_index})
+                        cpu_before = _router_cpu_s(stack, mode)
+                        row = run_one(urls[mode], mode, workload, seed)
+                        row["router_cpu_s"] = _router_cpu_s(stack, mode) - cpu_before
+                        rows.append(row | {"round": round_index})
             time.sleep(EXPORT_DELAY_S)  # the batch exporters' last batches
             routers = {f"router-{mode}-{stack.namespace}": mode for mode in MODES}
             spans = collections.Counter(routers.get(span["instance"], "") for span in sink.spans())
@@ -69,15 +74,26 @@ def tracing_compare(
     return rows, _ratios(rows, spans)
 
 
+def _router_cpu_s(stack: BenchStack, mode: str) -> float:
+    """CPU seconds the mode's router process has used: unlike latency, not moved by other load."""
+    name = "router" if MODES[mode] is None else f"router-{mode}"
+    child = next(c for c in stack.stack.children if c.name == name)
+    times = psutil.Process(child.proc.pid).cpu_times()
+    return times.user + times.system
+
+
 def _ratios(rows: list[dict], spans: collections.Counter) -> dict:
     figures = {}
     for mode in MODES:
         mine = [row["summary"] for row in rows if row["mode"] == mode]
         figures[mode] = {"output_tokens_per_s": statistics.median(s["output_tokens_per_s"] for s in mine),
                          "ttft_ms_p50": statistics.median(s["ttft_ms"]["p50"] for s in mine),
-                         "router_spans": spans[mode]}  # fmt: skip
+                         "router_spans": spans[mode],
+                         "router_cpu_ms_per_request": 1000 * sum(r["router_cpu_s"] for r in rows if r["mode"] == mode)
+                         / sum(s["requests"] for s in mine)}  # fmt: skip
     off = figures["tracing-off"]
     for values in figures.values():
         values["throughput_ratio"] = values["output_tokens_per_s"] / off["output_tokens_per_s"]
         values["ttft_ratio"] = values["ttft_ms_p50"] / off["ttft_ms_p50"]
+        values["router_cpu_ratio"] = values["router_cpu_ms_per_request"] / off["router_cpu_ms_per_request"]
     return {"runs": len(rows) // len(MODES), "modes": figures}

@@ -220,6 +220,7 @@ class LocalStack:
         lines += [f"{c.name:<9} pid {c.proc.pid}  log {c.log_path}" for c in self.children]
         if any(c.name == "router" for c in self.children):
             lines.append(f"router gRPC 127.0.0.1:{self.options.grpc_port}  HTTP http://127.0.0.1:{self.options.http_port}")
+            lines.append(f"dashboard http://127.0.0.1:{self.options.http_port}/dashboard")
         return "\n".join(lines)
 
     def stop(self, grace_s: float = 15.0) -> None:
