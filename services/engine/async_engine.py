@@ -58,6 +58,10 @@ class AsyncEngine:
                         return
                     calls, self._calls = self._calls, []
                 for fn, fut in calls:
+                    # A caller that was cancelled (its deadline passed) cancelled this future too;
+                    # setting a result on it would raise here and kill the engine thread.
+                    if not fut.set_running_or_notify_cancel():
+                        continue
                     try:
                         fut.set_result(fn())
                     except BaseException as exc:  # handed to the caller, not fatal here
@@ -139,8 +143,9 @@ class AsyncEngine:
             try:
                 await self.run(add)
             except asyncio.CancelledError:
-                # The add is queued on the engine thread and will still run: queue its undo
-                # behind it, or a request whose caller is gone would hold blocks to the end.
+                # A queued add is skipped (its future is cancelled), but one the engine thread had
+                # already started still lands: queue its undo behind it, or a request whose caller
+                # is gone would hold blocks to the end.
                 with contextlib.suppress(EngineDeadError):
                     self.call(lambda e: e.abort(request_id))
                 raise

@@ -40,3 +40,19 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(mesh):
     # The connection is closed here, long before 400 tokens.
     load = wait_idle(mesh, 10)
     assert load[worker] == (0, 0), load
+
+
+def test_a_grpc_deadline_ends_the_request_on_the_worker_too(mesh):
+    wait_idle(mesh, 30)
+    request = router_pb2.GenerateRequest(prompt="Write a very long essay about the sea.")
+    request.sampling.max_tokens, request.sampling.ignore_eos = 2000, True
+    with grpc.insecure_channel(mesh.kv_grpc) as channel:
+        call = router_pb2_grpc.RouterStub(channel).Generate(request, timeout=3)
+        try:
+            for _ in call:
+                pass
+            raise AssertionError("2000 tokens within 3 s: the deadline was not applied")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    load = wait_idle(mesh, 10)
+    assert all(v == (0, 0) for v in load.values()), load
