@@ -164,6 +164,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             preemptions=s.preemptions,
             unix_ms=int(taken_s * 1000),
             role=self.role,
+            busy_ms=int(self.engine.busy_s * 1000),
         )
 
     async def Stats(
