@@ -111,20 +111,9 @@ async def run_workload(url: str, conversations: list[Conversation], concurrency:
 
 def ideal_hit_rate(results: list[RequestResult], tokenizer, block_size: int = 16) -> float:
     """Hit rate of one worker with an infinite cache: every full block seen before is a hit."""
-    from kvmesh.hashing import block_hashes
+    from bench.replay import oracle_hit_rate
 
-    seen: set[int] = set()
-    hits = total = 0
-    for result in results:
-        tokens = tokenizer.encode_chat(result.messages)
-        hashes = block_hashes(tokens, block_size)
-        prefix = 0
-        while prefix < len(hashes) and hashes[prefix] in seen:
-            prefix += 1
-        hits += prefix * block_size
-        total += len(tokens)
-        seen.update(hashes)
-    return hits / max(total, 1)
+    return oracle_hit_rate([tokenizer.encode_chat(result.messages) for result in results], block_size)
 
 
 def _pct(values: Sequence[float], q: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 
@@ -16,11 +17,16 @@ from kvmesh_proto.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2,
 
 class BenchStack:
     def __init__(self, workers: int, modes: list[str], worker_env: dict[str, str] | None = None,
-                 prefill: int = 0, decode: int = 0) -> None:  # fmt: skip
+                 prefill: int = 0, decode: int = 0, engine: str = "real", state_dir: Path | None = None,
+                 ready_timeout_s: float = 300.0, fleet_size: int = 1) -> None:  # fmt: skip
+        """``fleet_size`` > 1 (mock engine only) runs the workers that many to a process."""
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
-        self.stack = LocalStack(StackOptions(workers=workers, prefill=prefill, decode=decode,
+        self.fleet_size = fleet_size if engine == "mock" else 1
+        extra = {"state_dir": state_dir} if state_dir else {}
+        self.stack = LocalStack(StackOptions(workers=workers, prefill=prefill, decode=decode, engine=engine,
                                              namespace=self.namespace, grpc_port=free_port(), http_port=free_port(),
-                                             router_mode=modes[0], worker_env=worker_env or {}))  # fmt: skip
+                                             router_mode=modes[0], worker_env=worker_env or {},
+                                             ready_timeout_s=ready_timeout_s, **extra))  # fmt: skip
         self.modes = modes
         self.http: dict[str, str] = {}
         self.grpc: dict[str, str] = {}
@@ -29,7 +35,12 @@ class BenchStack:
     def __enter__(self) -> BenchStack:
         stack = self.stack
         stack.start_stores()
-        stack.start_services()
+        if self.fleet_size > 1:
+            stack.start_kvstore()
+            self._start_fleets()
+            stack.add_router("router", self.modes[0], stack.options.grpc_port, stack.options.http_port)
+        else:
+            stack.start_services()
         self.http[self.modes[0]] = f"http://127.0.0.1:{stack.options.http_port}"
         self.grpc[self.modes[0]] = f"127.0.0.1:{stack.options.grpc_port}"
         for mode in self.modes[1:]:
@@ -40,6 +51,18 @@ class BenchStack:
         for url in self.http.values():
             stack.wait_router_workers(url, self.workers)
         return self
+
+    def _start_fleets(self) -> None:
+        """Mock workers ``fleet_size`` to a process (services/worker/mock_fleet.py)."""
+        options = self.stack.options
+        env = {**options.worker_env, "KVMESH_NUM_THREADS": "1"}
+        for first in range(0, options.workers, self.fleet_size):
+            size = min(self.fleet_size, options.workers - first)
+            base = f"aggregated-{self.namespace}-{first}"
+            self.stack.spawn(f"fleet-{first}", base, "services.worker.mock_fleet",
+                             ["--engine", "mock", "--fleet-size", str(size)], env)  # fmt: skip
+            # The fleet registers <base>.0 … <base>.<size-1>; health is awaited on the first.
+            self.stack.children[-1].instance_id = f"{base}.0"
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()

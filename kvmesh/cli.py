@@ -20,6 +20,14 @@ SERVICES = {
     "worker": "services.worker.server",
 }
 
+# Tools whose module's ``main(argv)`` takes the remaining arguments.
+TOOLS: dict[str | tuple[str, str], str] = {
+    "calibrate": "services.engine.calibrate",
+    ("bench", "replay"): "bench.replay",
+    ("bench", "routing"): "bench.routing",
+    ("bench", "router-scale"): "bench.router_scale",
+}
+
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start the whole local stack; Ctrl-C stops it")
@@ -103,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.serve import main as bench_serve
 
         return bench_serve(argv[2:])
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+    if tuple(argv[:2]) in TOOLS:
+        return importlib.import_module(TOOLS[tuple(argv[:2])]).main(argv[2:])
     parser = argparse.ArgumentParser(prog="kvmesh", description="kvmesh: a distributed LLM inference mesh")
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
@@ -111,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_parser(name, help=f"run the {name} service (see `kvmesh {name} --help`)")
     sub.add_parser("generate", help="generate text locally with the engine (no services)")
     sub.add_parser("chat", help="interactive streaming chat with a running mesh")
-    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve --help`")
+    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing --help`")
+    sub.add_parser("calibrate", help="fit the mock engine's timing profile to the real engine")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _status(args)
 

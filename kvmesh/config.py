@@ -99,6 +99,9 @@ class WorkerSettings(ServiceSettings):
     role: str = dataclasses.field(default="aggregated", metadata=_help("aggregated, prefill or decode"))
     model: str = dataclasses.field(default="", metadata=_help("model spec; empty = SmolLM2-135M-Instruct"))
     engine: str = dataclasses.field(default="real", metadata=_help("real or mock"))
+    mock_profile: str = dataclasses.field(
+        default="cpu-smollm2", metadata=_help("--engine mock: timing profile, a shipped name or a JSON path")
+    )
     dtype: str = dataclasses.field(default="bfloat16", metadata=_help("float32 or bfloat16"))
     device: str = dataclasses.field(default="cpu", metadata=_help("cpu or cuda"))
     block_size: int = dataclasses.field(default=16, metadata=_help("tokens per KV block"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -40,6 +41,8 @@ class AsyncEngine:
         self._stopped = False
         self._error: BaseException | None = None
         self.last_stats: EngineStats = engine.stats()
+        # Seconds spent in steps since start (read from any thread: a float store is atomic).
+        self.busy_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="kvmesh-engine", daemon=True)
         self._thread.start()
 
@@ -67,10 +70,12 @@ class AsyncEngine:
                     except BaseException as exc:  # handed to the caller, not fatal here
                         fut.set_exception(exc)
                 if self.engine.has_unfinished():
+                    start = time.perf_counter()
                     outputs = self.engine.step()
                     self._run_step_hooks()
                     for out in outputs:
                         self._deliver(out.request_id, out)
+                    self.busy_s += time.perf_counter() - start
                 self.last_stats = self.engine.stats()
         except BaseException as exc:
             self._error = exc

@@ -33,6 +33,10 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     enable_prefix_caching: bool = True
+    # "mock": the model runner is replaced by a timed stand-in (services/engine/mock_runner.py)
+    # whose step times come from the timing profile ``mock_profile`` (a shipped name or a path).
+    engine: str = "real"
+    mock_profile: str = "cpu-smollm2"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -55,5 +59,7 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.engine not in ("real", "mock"):
+            raise ValueError(f"engine must be 'real' or 'mock', got {self.engine!r}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError("num_threads must be positive")

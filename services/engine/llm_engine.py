@@ -16,7 +16,8 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventCallback
 from services.engine.kv_transfer import KvExport, read_blocks, write_blocks
-from services.engine.loader import load_model
+from services.engine.loader import load_model, load_model_config
+from services.engine.mock_runner import MockRunner
 from services.engine.model_runner import ModelRunner
 from services.engine.model_source import model_id as resolve_model_id
 from services.engine.outputs import RequestOutput, TokenLogprob
@@ -24,6 +25,7 @@ from services.engine.sampler import sample
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.timing_model import TimingProfile
 from services.engine.tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,8 +56,8 @@ class Engine:
         device = torch.device(config.device)
         self.model_id = resolve_model_id(config.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(config.model)
-        model = load_model(config.model, dtype, device, seed=config.seed)
-        mcfg = self.model_config = model.cfg
+        model = None if config.engine == "mock" else load_model(config.model, dtype, device, seed=config.seed)
+        mcfg = self.model_config = model.cfg if model is not None else load_model_config(config.model)
         if config.max_model_len is not None and config.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
                              f"({mcfg.max_position_embeddings})")
@@ -69,7 +71,8 @@ class Engine:
         self.eos_token_ids = set(mcfg.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else []))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len)
+        self.runner = (ModelRunner(model, num_blocks, config.block_size, self.max_model_len) if model is not None
+                       else MockRunner(mcfg, num_blocks, config.block_size, TimingProfile.load(config.mock_profile)))
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()

@@ -105,12 +105,23 @@ def _load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def _load_hf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
+    cfg = _hf_config(path)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path} has no .safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return cfg, state
+
+
+def _hf_config(path: str) -> ModelConfig:
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     heads = hf["num_attention_heads"]
     rope = hf.get("rope_parameters") or {}
     eos = hf.get("eos_token_id")
-    cfg = ModelConfig(
+    return ModelConfig(
         name=hf.get("_name_or_path") or os.path.basename(os.path.abspath(path)),
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -126,19 +137,20 @@ def _load_hf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
     )
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ValueError(f"{path} has no .safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
-    return cfg, state
 
 
 def random_config(preset: str) -> ModelConfig:
     if preset not in RANDOM_PRESETS:
         raise ValueError(f"unknown random preset {preset!r}; known: {sorted(RANDOM_PRESETS)}")
     return ModelConfig(name=f"random-{preset}", **RANDOM_PRESETS[preset])
+
+
+def load_model_config(model: str) -> ModelConfig:
+    """The architecture alone, without reading weights: the mock engine sizes its pool from it."""
+    src = resolve(model)
+    if src.kind == "random":
+        return random_config(src.path)
+    return _gguf_config(gguf_reader(src.path)) if src.kind == "gguf" else _hf_config(src.path)
 
 
 def cpu_has_native_bf16() -> bool:

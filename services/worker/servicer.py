@@ -177,6 +177,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             preemptions=s.preemptions,
             unix_ms=int(taken_s * 1000),
             role=self.role,
+            busy_ms=int(self.engine.busy_s * 1000),
         )
         observe_stats(report)
         return report
