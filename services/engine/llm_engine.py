@@ -17,7 +17,7 @@ from services.engine.config import EngineConfig
 from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventCallback
 from services.engine.kv_transfer import KvExport, read_blocks, write_blocks
 from services.engine.loader import load_model
-from services.engine.model_runner import ModelRunner
+from services.engine.model_runner import create_runner
 from services.engine.model_source import model_id as resolve_model_id
 from services.engine.outputs import RequestOutput, TokenLogprob
 from services.engine.sampler import sample
@@ -69,7 +69,7 @@ class Engine:
         self.eos_token_ids = set(mcfg.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else []))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.max_model_len)
+        self.runner = create_runner(model, num_blocks, config.block_size, self.max_model_len, config.max_num_seqs)
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
