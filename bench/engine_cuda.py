@@ -56,12 +56,23 @@ def _matmul_seconds(n: int) -> float:
     return _cuda_time(lambda: a @ b)
 
 
+def _host_link_GBps(nbytes: int = 256 << 20) -> tuple[float, float]:
+    """Raw pinned host<->device copy rates (the ceiling for KV export/import)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    down = _cuda_time(lambda: host.copy_(dev, non_blocking=True))
+    up = _cuda_time(lambda: dev.copy_(host, non_blocking=True))
+    return nbytes / down / 1e9, nbytes / up / 1e9
+
+
 def measure_ceilings() -> dict:
     """Copy bandwidth (bytes read + written) of a 2 GiB bf16 copy, and the bf16 8192^3 matmul rate."""
     copy_s = _copy_seconds(1 << 30)
     mm_s = _matmul_seconds(8192)
+    d2h, h2d = _host_link_GBps()
     return {"copy_GBps": 2 * (2 << 30) / copy_s / 1e9, "matmul_TFLOPs": 2 * 8192**3 / mm_s / 1e12,
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+            "pinned_d2h_GBps": d2h, "pinned_h2d_GBps": h2d, "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__}
 
 
 def attention_sweep(shape: dict, points: list[tuple[int, int]]) -> list[dict]:
@@ -308,7 +319,8 @@ def print_table(report: dict) -> None:
         kv = r.get("kv_transfer")
         if kv:
             print(f"{name:22} KV export {kv['bytes'] / 1e6:,.0f} MB: {kv['export_GBps']:.1f} GB/s, "
-                  f"import {kv['import_GBps']:.1f} GB/s")
+                  f"import {kv['import_GBps']:.1f} GB/s (pinned link: {c['pinned_d2h_GBps']:.1f} down, "
+                  f"{c['pinned_h2d_GBps']:.1f} up)")
     print("(tok/s; decode = batch / median step; prefill = prompt tokens / median time to first token)")
 
 
