@@ -33,23 +33,6 @@ class CudaAttentionMetadata:
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
-    varlen: VarlenPrefill | None = None
-
-
-@dataclass
-class VarlenPrefill:
-    """All prefill chunks of a step as one variable-length flash-attention call (bf16/fp16).
-
-    ``cu_q``/``cu_k``: int32 cumulative query/context lengths; ``context_slots``: the pool
-    slots of every chunk's whole context, or None when no chunk has a cached prefix (then the
-    chunks' own new K/V are the context, and nothing is gathered).
-    """
-
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    max_q: int
-    max_k: int
-    context_slots: torch.Tensor | None
 
 
 @triton.jit
@@ -199,16 +182,6 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Te
     return o.squeeze(0).transpose(0, 1)
 
 
-def _prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                    plan: VarlenPrefill, scale: float) -> torch.Tensor:
-    """One flash-attention launch for every chunk (GQA native: no repeated K/V heads). Causal with
-    bottom-right alignment, so a chunk's queries sit after its cached prefix."""
-    if plan.context_slots is not None:
-        k, v = k_pool.index_select(0, plan.context_slots), v_pool.index_select(0, plan.context_slots)
-    return torch.ops.aten._flash_attention_forward(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, 0.0,
-                                                   True, False, scale=scale)[0]
-
-
 def paged_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                          meta: CudaAttentionMetadata, scale: float) -> torch.Tensor:
     """Same contract as ``attention.paged_attention``: q [T, heads, dim], k/v [T, kv_heads, dim]
@@ -222,12 +195,6 @@ def paged_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_l
     b = meta.num_decode
     if b:
         decode_attention(q[:b], kv_layer[0], kv_layer[1], meta.block_tables, meta.context_lens, scale, out[:b])
-    if meta.varlen is not None:
-        prefill = _prefill_varlen(q[b:], k[b:], v[b:], k_pool, v_pool, meta.varlen, scale)
-        if not b:
-            return prefill.view(num_tokens, num_heads * head_dim)
-        out[b:] = prefill
-        return out.view(num_tokens, num_heads * head_dim)
     for chunk in meta.prefills:
         out[chunk.start : chunk.start + chunk.num_query] = _prefill(q, k, v, k_pool, v_pool, chunk, scale)
     return out.view(num_tokens, num_heads * head_dim)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from services.engine.cuda.fused_ops import TritonOps
-from services.engine.cuda.paged_attention import CudaAttentionMetadata, VarlenPrefill
+from services.engine.cuda.paged_attention import CudaAttentionMetadata
 from services.engine.model_runner import ModelRunner
 from services.engine.models.llama import LlamaForCausalLM
 from services.engine.scheduler import ScheduledItem
@@ -69,26 +69,6 @@ class CudaModelRunner(ModelRunner):
         tables, lens = self._tables_and_lens(decode, len(decode))
         meta = CudaAttentionMetadata(slots, len(decode), tables.to(self.device), lens.to(self.device))
         return slots, meta
-
-    def _prepare(self, items: list[ScheduledItem]) -> tuple[torch.Tensor, torch.Tensor, CudaAttentionMetadata,
-                                                             list[Sequence], list[int]]:
-        """As ``ModelRunner._prepare``; bf16/fp16 prefill chunks also get one varlen flash plan."""
-        input_ids, positions, meta, sample_seqs, sample_rows = super()._prepare(items)
-        if meta.prefills and self.kv_cache.dtype in (torch.bfloat16, torch.float16):
-            meta.varlen = self._varlen_plan(meta)
-        return input_ids, positions, meta, sample_seqs, sample_rows
-
-    def _varlen_plan(self, meta: CudaAttentionMetadata) -> VarlenPrefill:
-        chunks = meta.prefills
-        cu_q = np.cumsum([0] + [c.num_query for c in chunks], dtype=np.int32)
-        cu_k = np.cumsum([0] + [c.num_context for c in chunks], dtype=np.int32)
-        context = None
-        if any(c.context_slots is not None for c in chunks):
-            context = torch.cat([meta.slot_mapping[c.start : c.start + c.num_query] if c.context_slots is None
-                                 else c.context_slots for c in chunks])
-        dev = self.device
-        return VarlenPrefill(torch.from_numpy(cu_q).to(dev), torch.from_numpy(cu_k).to(dev),
-                             max(c.num_query for c in chunks), max(c.num_context for c in chunks), context)
 
     def _decode_slots(self, decode: list[Sequence]) -> np.ndarray:
         bs = self.block_size
