@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/engine.py                       # bf16, 2 threads, the setup
     .venv/bin/python bench/engine.py --dtypes float32,bfloat16 --skip-hf-128
+    python bench/engine.py --device cuda     # GPU: decode/prefill vs rooflines vs transformers
 
 Measures offline throughput (32 prompts x 64 output tokens, and 128 prompts), and TTFT of one
 1,000-token prompt cold and with its prefix cached. Each measurement is repeated and the
@@ -230,7 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-hf-128", action="store_true", help="transformers on 128 prompts is slow: skip it")
     ap.add_argument("--vllm-python", default=os.environ.get("KVMESH_VLLM_PYTHON"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: decode/prefill vs rooflines vs transformers on the GPU (bench/engine_cuda.py)")
+    ap.add_argument("--models", default="random:llama-3-8b,random:smollm2-135m", help="--device cuda: models")
+    ap.add_argument("--decode-steps", type=int, default=32, help="--device cuda: timed decode steps per point")
+    ap.add_argument("--kv-gib", type=float, default=20.0, help="--device cuda: KV pool size")
+    ap.add_argument("--hf-new-tokens", type=int, default=17, help="--device cuda: transformers decode length")
+    ap.add_argument("--attention-sweep", action="store_true", help="--device cuda: time decode-attention configs")
+    ap.add_argument("--out", help="also write the JSON report here")
+    ap.add_argument("--profile-out", help="--device cuda: write the raw timing profile (mock engine) here")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        return run_cuda(args)
     torch.set_num_threads(args.threads)
     tok = load_tokenizer("smollm2")
     prompts = make_prompts(tok, args.num_prompts)
@@ -268,6 +280,25 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print_table(report)
     print(f"\nwrote {path}")
+    return 0
+
+
+def run_cuda(args: argparse.Namespace) -> int:
+    from bench import engine_cuda
+
+    report = engine_cuda.main_cuda(args.models.split(","), args.decode_steps, args.repeats, args.skip_hf,
+                                   args.hf_new_tokens, args.kv_gib, args.attention_sweep)
+    paths = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                          f"engine-cuda-{time.strftime('%Y%m%d-%H%M%S')}.json")] + ([args.out] if args.out else [])
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.profile_out:
+        with open(args.profile_out, "w") as f:
+            json.dump(engine_cuda.profile_of(report), f, indent=2)
+    engine_cuda.print_table(report)
+    print(f"\nwrote {', '.join(paths)}")
     return 0
 
 

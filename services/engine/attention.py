@@ -39,6 +39,17 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
+def chunk_context(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                  chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [num_context, kv_heads, dim] a prefill chunk attends to: its own new tokens, or
+    (with a cached prefix) every slot of its sequence so far, gathered from the pool."""
+    s, n = chunk.start, chunk.num_query
+    if chunk.context_slots is None:
+        return k[s : s + n], v[s : s + n]
+    return (k_pool.index_select(0, chunk.context_slots).to(k.dtype),
+            v_pool.index_select(0, chunk.context_slots).to(v.dtype))
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; returns [T, heads * dim]."""
@@ -67,11 +78,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
     for chunk in meta.prefills:
         s, n = chunk.start, chunk.num_query
         qq = q[s : s + n].transpose(0, 1).unsqueeze(0)
-        if chunk.context_slots is None:
-            kk, vv = k[s : s + n], v[s : s + n]
-        else:
-            kk = k_pool.index_select(0, chunk.context_slots).to(q.dtype)
-            vv = v_pool.index_select(0, chunk.context_slots).to(q.dtype)
+        kk, vv = chunk_context(k, v, k_pool, v_pool, chunk)
         kk = kk.transpose(0, 1).unsqueeze(0)
         vv = vv.transpose(0, 1).unsqueeze(0)
         if chunk.num_context == n:

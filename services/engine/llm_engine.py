@@ -18,7 +18,7 @@ from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventC
 from services.engine.kv_transfer import KvExport, read_blocks, write_blocks
 from services.engine.loader import load_model, load_model_config
 from services.engine.mock_runner import MockRunner
-from services.engine.model_runner import ModelRunner
+from services.engine.model_runner import create_runner
 from services.engine.model_source import model_id as resolve_model_id
 from services.engine.outputs import RequestOutput, TokenLogprob
 from services.engine.sampler import sample
@@ -71,7 +71,8 @@ class Engine:
         self.eos_token_ids = set(mcfg.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else []))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = (ModelRunner(model, num_blocks, config.block_size, self.max_model_len) if model is not None
+        self.runner = (create_runner(model, num_blocks, config.block_size, self.max_model_len, config.max_num_seqs)
+                       if model is not None
                        else MockRunner(mcfg, num_blocks, config.block_size, TimingProfile.load(config.mock_profile)))
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()

@@ -14,15 +14,29 @@ from services.engine.scheduler import ScheduledItem
 from services.engine.sequence import Sequence
 
 
+def create_runner(model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
+                  max_num_seqs: int) -> ModelRunner:
+    """The runner for the model's device; the CUDA one (Triton, CUDA graphs) is imported only here."""
+    if model.embed_tokens.weight.device.type == "cuda":
+        from services.engine.cuda.runner import CudaModelRunner
+
+        return CudaModelRunner(model, num_blocks, block_size, max_model_len, max_num_seqs)
+    return ModelRunner(model, num_blocks, block_size, max_model_len)
+
+
 class ModelRunner:
+    # Pool blocks past ``num_blocks`` that the block manager never hands out (CUDA: padded
+    # graph rows write their K/V there).
+    scratch_blocks = 0
+
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int) -> None:
         cfg = model.cfg
         weight = model.embed_tokens.weight
         self.model = model
         self.device = weight.device
         self.block_size = block_size
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
-                                    cfg.head_dim, dtype=weight.dtype, device=self.device)
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + self.scratch_blocks, block_size,
+                                    cfg.num_kv_heads, cfg.head_dim, dtype=weight.dtype, device=self.device)
         model.init_rope(max_model_len)
         self._offsets = torch.arange(block_size, device=self.device)
 
@@ -34,37 +48,37 @@ class ModelRunner:
         slots = (table.unsqueeze(1) * bs + self._offsets.cpu()).view(-1)
         return slots[start - first * bs : end - first * bs]
 
+    def _decode_metadata(self, decode: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The pool slots of the decode tokens' new K/V (CPU tensor) and the metadata that lets each
+        read its context: here a padded [batch, max_context] gather of slots and an additive mask."""
+        if not decode:
+            return torch.empty(0, dtype=torch.long), AttentionMetadata(slot_mapping=torch.empty(0))
+        bs = self.block_size
+        lens = [s.num_computed_tokens + 1 for s in decode]
+        max_len = max(lens)
+        max_blocks = -(-max_len // bs)
+        tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table))
+                               for s in decode], dtype=torch.long)
+        gather = (tables.unsqueeze(2) * bs + self._offsets.cpu()).view(len(decode), -1)[:, :max_len]
+        lens_t = torch.tensor(lens, dtype=torch.long)
+        slots = gather.gather(1, (lens_t - 1).unsqueeze(1)).squeeze(1)
+        valid = torch.arange(max_len).unsqueeze(0) < lens_t.unsqueeze(1)
+        bias = torch.zeros(len(decode), 1, 1, max_len).masked_fill_(~valid.view(len(decode), 1, 1, -1),
+                                                                    float("-inf"))
+        meta = AttentionMetadata(slot_mapping=slots, num_decode=len(decode), decode_slots=gather.to(self.device),
+                                 decode_bias=bias.to(self.device))
+        return slots, meta
+
     def _prepare(self, items: list[ScheduledItem]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
                                                              list[Sequence], list[int]]:
-        bs = self.block_size
-        decode = [(s, n) for s, n in items if n == 1]
+        decode = [s for s, n in items if n == 1]
         prefill = [(s, n) for s, n in items if n > 1]
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[torch.Tensor] = []
-        sample_seqs: list[Sequence] = []
-        sample_rows: list[int] = []
-        if decode:
-            lens = []
-            for s, _ in decode:
-                p = s.num_computed_tokens
-                ids.append(s.token_ids[p])
-                positions.append(p)
-                lens.append(p + 1)
-            max_len = max(lens)
-            max_blocks = -(-max_len // bs)
-            tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table))
-                                   for s, _ in decode], dtype=torch.long)
-            gather = (tables.unsqueeze(2) * bs + self._offsets.cpu()).view(len(decode), -1)[:, :max_len]
-            lens_t = torch.tensor(lens, dtype=torch.long)
-            slots.append(gather.gather(1, (lens_t - 1).unsqueeze(1)).squeeze(1))
-            valid = torch.arange(max_len).unsqueeze(0) < lens_t.unsqueeze(1)
-            bias = torch.zeros(len(decode), 1, 1, max_len).masked_fill_(~valid.view(len(decode), 1, 1, -1),
-                                                                        float("-inf"))
-            for row, (s, _) in enumerate(decode):
-                if s.num_computed_tokens + 1 == s.num_tokens:
-                    sample_seqs.append(s)
-                    sample_rows.append(row)
+        ids = [s.token_ids[s.num_computed_tokens] for s in decode]
+        positions = [s.num_computed_tokens for s in decode]
+        sample_rows = [row for row, s in enumerate(decode) if s.num_computed_tokens + 1 == s.num_tokens]
+        sample_seqs = [decode[row] for row in sample_rows]
+        decode_slots, meta = self._decode_metadata(decode)
+        slots = [decode_slots]
         chunks: list[PrefillChunk] = []
         for s, n in prefill:
             start = s.num_computed_tokens
@@ -78,10 +92,8 @@ class ModelRunner:
                 sample_seqs.append(s)
                 sample_rows.append(offset + n - 1)
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(dev), num_decode=len(decode), prefills=chunks)
-        if decode:
-            meta.decode_slots = gather.to(dev)
-            meta.decode_bias = bias.to(dev)
+        meta.slot_mapping = torch.cat(slots).to(dev)
+        meta.prefills = chunks
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return input_ids, pos, meta, sample_seqs, sample_rows

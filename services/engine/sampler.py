@@ -1,4 +1,5 @@
-"""Turn a step's logits into tokens: greedy rows in one argmax, the rest one row at a time.
+"""Turn a step's logits into tokens on their device: greedy rows in one argmax, the rest one row
+at a time; the chosen tokens come back to the host in one read per step.
 
 Sampled rows use their own ``torch.Generator`` (seeded from the request's seed), so a seeded
 request draws the same tokens whatever else is in the batch.
@@ -28,7 +29,7 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return logits
 
 
-def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
+def _sample_row(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     sp = seq.sampling
     logits = logits / sp.temperature
     if 0 < sp.top_k < logits.shape[0]:
@@ -44,7 +45,7 @@ def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
         drop = (cum - sorted_probs) >= sp.top_p * cum[-1]
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=seq.generator).item())
+    return torch.multinomial(probs, 1, generator=seq.generator)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -56,10 +57,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         for i, s in enumerate(seqs):
             if s.sampling.needs_penalties:
                 apply_penalties(logits[i], s)
-    tokens = logits.argmax(dim=-1).tolist()
-    for i, s in enumerate(seqs):
-        if not s.sampling.greedy:
-            tokens[i] = _sample_row(logits[i], s)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
+    if sampled:
+        # Drawn row by row (each row's own generator), read back together: one device sync a step.
+        draws = torch.cat([_sample_row(logits[i], seqs[i]) for i in sampled])
+        tokens = tokens.index_copy(0, torch.tensor(sampled, device=tokens.device), draws)
+    tokens = tokens.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     want = [i for i, s in enumerate(seqs) if s.sampling.logprobs > 0]
     if want:

@@ -22,6 +22,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight.to(x.dtype) * xf.to(x.dtype)
 
 
+class TorchOps:
+    """The model's non-matmul steps in plain torch: the CPU path and the numerics reference. A
+    CUDA runner swaps in fused kernels with the same contracts (``cuda/fused_ops.py``)."""
+
+    attention = staticmethod(paged_attention)
+
+    @staticmethod
+    def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after adding ``delta`` (if any), and its RMS norm."""
+        if delta is not None:
+            x = x + delta
+        return x, rms_norm(x, weight, eps)
+
+    @staticmethod
+    def split_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, dim] and k [T, kv_heads, dim] rotated, v [T, kv_heads, dim]; cos/sin [T, dim]."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = apply_rope(q.view(t, num_heads, head_dim), cos, sin)
+        k = apply_rope(k.view(t, num_kv_heads, head_dim), cos, sin)
+        return q, k, v.reshape(t, num_kv_heads, head_dim)
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -50,6 +81,8 @@ class LlamaForCausalLM(nn.Module):
         # Activations' dtype; differs from the weights' only for bf16 on CPUs without bf16
         # instructions, where bf16 matmuls run ~5x slower than upcasting the weights to fp32.
         self.compute_dtype: torch.dtype | None = None
+        # Norms, rope, activation and paged attention; a CUDA runner swaps in fused kernels.
+        self.ops = TorchOps
 
     def init_rope(self, max_positions: int) -> None:
         device = self.embed_tokens.weight.device
@@ -67,27 +100,22 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, dim].
         Returns the final hidden states [T, hidden]."""
         cfg = self.cfg
-        t = input_ids.shape[0]
-        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
-        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        ops = self.ops
+        cos = self.rope_cos.index_select(0, positions)
+        sin = self.rope_sin.index_select(0, positions)
         x = self.embed_tokens(input_ids)
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         lin = self._linear
         eps = cfg.rms_norm_eps
+        delta = None
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, eps)
-            qkv = lin(h, layer.qkv)
-            q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-            q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-            attn = paged_attention(q, k, v, kv_cache[i], meta, self.scale)
-            x = x + lin(attn, layer.o_proj)
-            h = rms_norm(x, layer.post_norm, eps)
-            gate, up = lin(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + lin(F.silu(gate) * up, layer.down)
-        return rms_norm(x, self.norm, eps)
+            x, h = ops.add_rms_norm(x, delta, layer.input_norm, eps)
+            q, k, v = ops.split_rope(lin(h, layer.qkv), cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            attn = ops.attention(q, k, v, kv_cache[i], meta, self.scale)
+            x, h = ops.add_rms_norm(x, lin(attn, layer.o_proj), layer.post_norm, eps)
+            delta = lin(ops.silu_mul(lin(h, layer.gate_up)), layer.down)
+        return ops.add_rms_norm(x, delta, self.norm, eps)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head.to(hidden.dtype)).float()

@@ -1,0 +1,116 @@
+"""The model runner on a CUDA GPU: Triton paged attention, and decode steps replayed from CUDA graphs.
+
+A decode step of a small model is hundreds of tiny kernels; launched one by one from Python
+the GPU idles between them. So at start-up the decode forward pass (all layers and the LM
+head) is captured once per batch size in ``GRAPH_BATCH_SIZES``; a step pads its batch to the
+next captured size (padded rows read no context and write K/V into a scratch block) and
+replays it. Steps with prefill tokens, or larger batches, run eagerly with the same kernels.
+Nothing in a step waits for the GPU except the sampler reading the chosen tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+
+from services.engine.cuda.fused_ops import TritonOps
+from services.engine.cuda.paged_attention import CudaAttentionMetadata
+from services.engine.model_runner import ModelRunner
+from services.engine.models.llama import LlamaForCausalLM
+from services.engine.scheduler import ScheduledItem
+from services.engine.sequence import Sequence
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class CudaModelRunner(ModelRunner):
+    scratch_blocks = 1
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
+                 max_num_seqs: int) -> None:
+        super().__init__(model, num_blocks, block_size, max_model_len)
+        model.ops = TritonOps
+        self._scratch_slot = num_blocks * block_size
+        cover = bisect.bisect_left(GRAPH_BATCH_SIZES, max_num_seqs)
+        self.graph_sizes = GRAPH_BATCH_SIZES[: cover + 1]
+        largest = self.graph_sizes[-1]
+        dev = self.device
+        # Static inputs every captured graph reads (each size a leading slice of them).
+        self._ids = torch.zeros(largest, dtype=torch.long, device=dev)
+        self._positions = torch.zeros(largest, dtype=torch.long, device=dev)
+        self._slot_mapping = torch.full((largest,), self._scratch_slot, dtype=torch.long, device=dev)
+        self._tables = torch.zeros(largest, -(-max_model_len // block_size), dtype=torch.int32, device=dev)
+        self._lens = torch.ones(largest, dtype=torch.int32, device=dev)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._capture()
+
+    def _decode_forward(self, batch: int) -> torch.Tensor:
+        meta = CudaAttentionMetadata(self._slot_mapping[:batch], batch, self._tables[:batch], self._lens[:batch])
+        hidden = self.model(self._ids[:batch], self._positions[:batch], self.kv_cache, meta)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        # Largest first, so the smaller graphs fit in the memory the largest already reserved.
+        for batch in reversed(self.graph_sizes):
+            self._decode_forward(batch)  # compiles the kernels, sizes cuBLAS workspaces
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_forward(batch)
+            self._graphs[batch] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def _decode_metadata(self, decode: list[Sequence]) -> tuple[torch.Tensor, CudaAttentionMetadata]:
+        slots = torch.from_numpy(self._decode_slots(decode))
+        tables, lens = self._tables_and_lens(decode, len(decode))
+        meta = CudaAttentionMetadata(slots, len(decode), tables.to(self.device), lens.to(self.device))
+        return slots, meta
+
+    def _decode_slots(self, decode: list[Sequence]) -> np.ndarray:
+        bs = self.block_size
+        return np.array([s.block_table[s.num_computed_tokens // bs] * bs + s.num_computed_tokens % bs
+                         for s in decode], dtype=np.int64)
+
+    @staticmethod
+    def _tables_and_lens(decode: list[Sequence], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [rows, widest] int32 and context lengths [rows] int32 (0 on padded rows)."""
+        width = max((len(s.block_table) for s in decode), default=1)
+        tables = np.zeros((rows, width), dtype=np.int32)
+        lens = np.zeros(rows, dtype=np.int32)
+        for row, s in enumerate(decode):
+            tables[row, : len(s.block_table)] = s.block_table
+            lens[row] = s.num_computed_tokens + 1
+        return torch.from_numpy(tables), torch.from_numpy(lens)
+
+    @torch.inference_mode()
+    def execute(self, items: list[ScheduledItem]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """As ``ModelRunner.execute``; a decode-only step replays a graph. Its logits live in the
+        graph's output buffer: valid until the next ``execute``."""
+        n = len(items)
+        if n > self.graph_sizes[-1] or any(k != 1 for _, k in items):
+            return super().execute(items)
+        batch = self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]
+        decode = [s for s, _ in items]
+        positions = np.zeros(batch, dtype=np.int64)
+        positions[:n] = [s.num_computed_tokens for s in decode]
+        ids = np.zeros(batch, dtype=np.int64)
+        ids[:n] = [s.token_ids[p] for s, p in zip(decode, positions[:n].tolist(), strict=True)]
+        slots = np.full(batch, self._scratch_slot, dtype=np.int64)
+        slots[:n] = self._decode_slots(decode)
+        tables, lens = self._tables_and_lens(decode, batch)
+        self._ids[:batch].copy_(torch.from_numpy(ids), non_blocking=True)
+        self._positions[:batch].copy_(torch.from_numpy(positions), non_blocking=True)
+        self._slot_mapping[:batch].copy_(torch.from_numpy(slots), non_blocking=True)
+        self._tables[:batch, : tables.shape[1]].copy_(tables, non_blocking=True)
+        self._lens[:batch].copy_(lens, non_blocking=True)
+        graph, logits = self._graphs[batch]
+        graph.replay()
+        rows = [row for row, s in enumerate(decode) if s.num_computed_tokens + 1 == s.num_tokens]
+        seqs = [decode[row] for row in rows]
+        if len(rows) == n:
+            return seqs, logits[:n]
+        return seqs, logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
