@@ -30,6 +30,8 @@ class CudaModelRunner(ModelRunner):
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_seqs: int) -> None:
+        # Triton launches and graph captures go to the current device: make it this engine's.
+        torch.cuda.set_device(model.embed_tokens.weight.device)
         super().__init__(model, num_blocks, block_size, max_model_len)
         model.ops = TritonOps
         self._scratch_slot = num_blocks * block_size
@@ -65,6 +67,9 @@ class CudaModelRunner(ModelRunner):
         torch.cuda.synchronize()
 
     def _decode_metadata(self, decode: list[Sequence]) -> tuple[torch.Tensor, CudaAttentionMetadata]:
+        """The eager path's decode metadata: block tables and context lengths (int32, on the GPU)."""
+        if not decode:
+            return torch.empty(0, dtype=torch.long), CudaAttentionMetadata(slot_mapping=torch.empty(0))
         slots = torch.from_numpy(self._decode_slots(decode))
         tables, lens = self._tables_and_lens(decode, len(decode))
         meta = CudaAttentionMetadata(slots, len(decode), tables.to(self.device), lens.to(self.device))
