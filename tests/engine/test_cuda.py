@@ -83,7 +83,7 @@ def test_cuda_bf16_greedy_matches_cpu_on_smollm2(request):
 
 def test_cuda_forward_never_waits_for_the_gpu():
     """The eager forward pass (prefill chunks, cached prefixes, mixed steps) queues its kernels
-    without one host sync: torch's sync debug mode turns any into an error."""
+    without one host sync: torch's sync debug mode turns every sync it detects into an error."""
     engine = Engine(EngineConfig(model="random:smollm2-135m", device="cuda", dtype="bfloat16", num_kv_blocks=64,
                                  max_num_batched_tokens=32, max_num_seqs=4))
     model = engine.runner.model
