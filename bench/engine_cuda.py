@@ -140,8 +140,8 @@ def bench_decode(engine: Engine, shape: dict, batch: int, context: int, steps: i
     # The GPU time of one step alone: replay its graph again on the last step's inputs (bench
     # only: reaches into the runner). Wall step minus this is the host's share.
     graphs = getattr(engine.runner, "_graphs", {})
-    size = min((b for b in graphs if b >= batch), default=None)
-    replay = _cuda_time(graphs[size][0].replay) if size else None
+    size = min((b for kind, b in graphs if kind == "decode" and b >= batch), default=None)
+    replay = _cuda_time(graphs["decode", size][0].replay) if size else None
     for rid in ids:
         engine.abort(rid)
     engine.reset_prefix_cache()

@@ -81,6 +81,27 @@ def test_cuda_bf16_greedy_matches_cpu_on_smollm2(request):
         assert abs(c.logprobs[0].logprob - g.logprobs[0].logprob) < 0.15
 
 
+def test_cuda_forward_never_waits_for_the_gpu():
+    """The eager forward pass (prefill chunks, cached prefixes, mixed steps) queues its kernels
+    without one host sync: torch's sync debug mode turns every sync it detects into an error."""
+    engine = Engine(EngineConfig(model="random:smollm2-135m", device="cuda", dtype="bfloat16", num_kv_blocks=64,
+                                 max_num_batched_tokens=32, max_num_seqs=4))
+    model = engine.runner.model
+    forward = model.forward
+
+    def strict_forward(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    model.forward = strict_forward
+    outs = generate_twice(engine, RANDOM_PROMPTS[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert all(len(o.new_token_ids) == 4 for o in outs)
+    assert engine.stats().prefix_hit_tokens > 0
+
+
 def test_cuda_kv_export_import_between_gpu_engines():
     """Prefill on one GPU engine, export through pinned host memory, import into another: the
     decode continues exactly as one engine alone."""
