@@ -45,6 +45,15 @@ class ServiceSettings:
         default=10.0, metadata=_help("on SIGTERM, how long in-flight streams may finish")
     )
     log_level: str = dataclasses.field(default="INFO", metadata=_help("DEBUG, INFO, WARNING, ERROR"))
+    tls_cert: str = dataclasses.field(default="", metadata=_help("PEM certificate of this service; empty = no TLS"))
+    tls_key: str = dataclasses.field(default="", metadata=_help("PEM private key of --tls-cert"))
+    tls_ca: str = dataclasses.field(default="", metadata=_help("PEM CA that signs every mesh certificate"))
+    tls_client_auth: bool = dataclasses.field(
+        default=True, metadata=_help("with TLS, require callers' certificates (mutual TLS)")
+    )
+    mesh_token: str = dataclasses.field(
+        default="", metadata=_help("without TLS: shared secret mesh-only endpoints (KV transfer) require")
+    )
 
     kind = "service"
 
@@ -57,6 +66,8 @@ class ServiceSettings:
             raise ValueError("lease_ttl_s must be between 1 and 3600")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
+        if any((self.tls_cert, self.tls_key, self.tls_ca)) and not all((self.tls_cert, self.tls_key, self.tls_ca)):
+            raise ValueError("TLS needs all of tls_cert, tls_key and tls_ca")
         if not self.instance_id:
             self.instance_id = f"{self.kind}-{socket.gethostname()[:32]}-{uuid.uuid4().hex[:8]}"
             self.instance_id = re.sub(r"[^A-Za-z0-9._-]", "-", self.instance_id)

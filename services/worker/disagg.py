@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
 from services.engine.async_engine import AsyncEngine
 from services.engine.sampling_params import SamplingParams
@@ -95,7 +95,7 @@ async def pull_prefill(
     assembler = ChunkAssembler(skip_blocks)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=skip_blocks)  # fmt: skip
-    async with insecure_channel(prefill_address) as channel:
+    async with mesh_channel(prefill_address) as channel:
         async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s):
             first_chunk_at = first_chunk_at or time.monotonic()
             assembler.add(chunk)
