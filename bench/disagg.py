@@ -24,7 +24,7 @@ import statistics
 import time
 import uuid
 
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh_proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.disagg import pull_prefill
 
@@ -41,7 +41,7 @@ def _fresh_request(rng: random.Random, model: str, prompt_tokens: int) -> worker
 
 
 async def _compute_seconds(address: str, request: worker_pb2.WorkerGenerateRequest) -> float:
-    async with insecure_channel(address) as channel:
+    async with mesh_channel(address) as channel:
         start = time.perf_counter()
         async for _ in worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=600):
             pass

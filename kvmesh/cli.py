@@ -45,6 +45,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--state-dir", type=Path, default=Path(".kvmesh"), help="logs and stack.json")
     up.add_argument("--api-key", action="append", default=[], dest="api_keys",
                     help="API key the router requires (repeatable; or KVMESH_API_KEYS, comma-separated)")
+    up.add_argument("--tls", action="store_true",
+                    help="mutual TLS on every gRPC hop (certificates made in <state-dir>/certs)")
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for health")
 
 
@@ -75,6 +77,10 @@ def _status(args: argparse.Namespace) -> int:
         or "127.0.0.1:2379"
     )
     namespace = args.namespace or os.environ.get("KVMESH_NAMESPACE") or stack.get("namespace") or "default"
+    if stack.get("cert_dir"):  # a `kvmesh up --tls` stack: check health as its client
+        from kvmesh import tls
+
+        tls.configure(tls.TlsConfig.for_service(stack["cert_dir"], "client"))
     return print_status(endpoint, namespace, args.json)
 
 
@@ -85,7 +91,7 @@ def _up(args: argparse.Namespace) -> int:
             engine=args.engine, router_mode=args.router_mode, http_port=args.http_port,
             grpc_port=args.grpc_port, namespace=args.namespace, etcd_endpoint=args.etcd_endpoint,
             redis_url=args.redis_url, state_dir=args.state_dir, ready_timeout_s=args.ready_timeout,
-            api_keys=args.api_keys,
+            api_keys=args.api_keys, tls=args.tls,
         )  # fmt: skip
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)
@@ -107,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kvmesh.chat import main as chat_main
 
         return chat_main(argv[1:])
+    if argv and argv[0] == "certs":
+        from kvmesh.certs import main as certs_main
+
+        return certs_main(argv[1:])
     if argv[:2] == ["bench", "serve"]:
         from bench.serve import main as bench_serve
 
@@ -122,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service (see `kvmesh {name} --help`)")
     sub.add_parser("generate", help="generate text locally with the engine (no services)")
+    sub.add_parser("certs", help="make a local CA and per-service certificates: `kvmesh certs --out DIR`")
     sub.add_parser("chat", help="interactive streaming chat with a running mesh")
     sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing --help`")
     sub.add_parser("calibrate", help="fit the mock engine's timing profile to the real engine")

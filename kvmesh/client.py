@@ -97,8 +97,11 @@ def _collect(chunks: list[StreamChunk]) -> Completion:
     )
 
 
-def _channel_credentials(root_certificates: bytes | None) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+def _channel_credentials(root_certificates: bytes | None, private_key: bytes | None,
+                         certificate_chain: bytes | None) -> grpc.ChannelCredentials:  # fmt: skip
+    """TLS to the router; with a key and certificate also mutual TLS (a router run with --tls-ca)."""
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=private_key,
+                                        certificate_chain=certificate_chain)  # fmt: skip
 
 
 def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -110,10 +113,10 @@ class Client:
     """Blocking client of a kvmesh router."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float = 600.0, retries: int = 2,
-                 tls: bool = False, root_certificates: bytes | None = None, api_key: str | None = None
-                 ) -> None:  # fmt: skip
-        self._channel = (grpc.secure_channel(address, _channel_credentials(root_certificates)) if tls
-                         else grpc.insecure_channel(address))  # fmt: skip
+                 tls: bool = False, root_certificates: bytes | None = None, api_key: str | None = None,
+                 private_key: bytes | None = None, certificate_chain: bytes | None = None) -> None:  # fmt: skip
+        credentials = _channel_credentials(root_certificates, private_key, certificate_chain)
+        self._channel = grpc.secure_channel(address, credentials) if tls else grpc.insecure_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self.timeout = timeout
         self.retries = retries
@@ -161,10 +164,10 @@ class AsyncClient:
     """asyncio twin of ``Client``."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float = 600.0, retries: int = 2,
-                 tls: bool = False, root_certificates: bytes | None = None, api_key: str | None = None
-                 ) -> None:  # fmt: skip
-        self._channel = (grpc.aio.secure_channel(address, _channel_credentials(root_certificates)) if tls
-                         else grpc.aio.insecure_channel(address))  # fmt: skip
+                 tls: bool = False, root_certificates: bytes | None = None, api_key: str | None = None,
+                 private_key: bytes | None = None, certificate_chain: bytes | None = None) -> None:  # fmt: skip
+        credentials = _channel_credentials(root_certificates, private_key, certificate_chain)
+        self._channel = grpc.aio.secure_channel(address, credentials) if tls else grpc.aio.insecure_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self.timeout = timeout
         self.retries = retries

@@ -56,6 +56,15 @@ class ServiceSettings:
     trace_sample_ratio: float = dataclasses.field(
         default=1.0, metadata=_help("fraction of requests traced, decided at the router")
     )
+    tls_cert: str = dataclasses.field(default="", metadata=_help("PEM certificate of this service; empty = no TLS"))
+    tls_key: str = dataclasses.field(default="", metadata=_help("PEM private key of --tls-cert"))
+    tls_ca: str = dataclasses.field(default="", metadata=_help("PEM CA that signs every mesh certificate"))
+    tls_client_auth: bool = dataclasses.field(
+        default=True, metadata=_help("with TLS, require callers' certificates (mutual TLS)")
+    )
+    mesh_token: str = dataclasses.field(
+        default="", metadata=_help("without TLS: shared secret mesh-only endpoints (KV transfer) require")
+    )
 
     kind = "service"
 
@@ -74,6 +83,8 @@ class ServiceSettings:
             raise ValueError(f"trace_exporter must be one of {', '.join(TRACE_EXPORTERS)}, not {self.trace_exporter!r}")
         if not 0 <= self.trace_sample_ratio <= 1:
             raise ValueError("trace_sample_ratio must be in [0, 1]")
+        if any((self.tls_cert, self.tls_key, self.tls_ca)) and not all((self.tls_cert, self.tls_key, self.tls_ca)):
+            raise ValueError("TLS needs all of tls_cert, tls_key and tls_ca")
         if not self.instance_id:
             self.instance_id = f"{self.kind}-{socket.gethostname()[:32]}-{uuid.uuid4().hex[:8]}"
             self.instance_id = re.sub(r"[^A-Za-z0-9._-]", "-", self.instance_id)

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from kvmesh import tls
 from kvmesh.config import ServiceSettings
 from kvmesh.discovery import Discovery, Registration
 from kvmesh.telemetry import setup_telemetry
@@ -34,15 +35,30 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    """The one way services open channels to each other (same limits everywhere)."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+# Services only peers of the mesh may call (mTLS identity or mesh token, see kvmesh.tls).
+MESH_ONLY_PREFIXES = ("/kvmesh.v1.KvTransfer/",)
+
+
+def mesh_channel(address: str) -> grpc.aio.Channel:
+    """The one way services open channels to each other: same limits everywhere, and this
+    process's TLS identity and mesh token when it has them."""
+    config, interceptors = tls.active(), tls.channel_interceptors()
+    if config is not None:
+        return grpc.aio.secure_channel(address, config.channel_credentials(), options=CHANNEL_OPTIONS,
+                                       interceptors=interceptors)  # fmt: skip
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+def tls_from_settings(settings: ServiceSettings) -> tls.TlsConfig | None:
+    if not settings.tls_cert:
+        return None
+    return tls.TlsConfig.from_files(settings.tls_cert, settings.tls_key, settings.tls_ca, settings.tls_client_auth)
 
 
 async def check_health(address: str, timeout_s: float = 1.0) -> bool:
     """True if the gRPC health service at ``address`` answers SERVING."""
     try:
-        async with insecure_channel(address) as channel:
+        async with mesh_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
             return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -61,12 +77,15 @@ class ServiceProcess:
             settings.trace_exporter, settings.otlp_endpoint, settings.trace_sample_ratio,
             {"service.instance.id": settings.instance_id},
         )
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        tls.configure(tls_from_settings(settings), settings.mesh_token)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[tls.MeshPeerGuard(MESH_ONLY_PREFIXES)])
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        bind, config = f"{settings.host}:{settings.port}", tls.active()
+        self.port = (self.server.add_secure_port(bind, config.server_credentials()) if config is not None
+                     else self.server.add_insecure_port(bind))  # fmt: skip
         if self.port == 0:
             raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
         self.discovery = Discovery(settings.etcd_endpoint, settings.namespace)

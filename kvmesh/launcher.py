@@ -22,10 +22,13 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmesh import tls
+from kvmesh.certs import CA_FILE, cert_paths, write_certs
 from kvmesh.local_stores import StoreProcess, child_env, free_port, start_etcd, start_redis
 from kvmesh.status import collect_status
 
 STATE_FILE = "stack.json"
+_SERVICE_OF_MODULE = {"kvstore.server": "kvstore", "router.server": "router", "services.worker.server": "worker"}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -59,6 +62,8 @@ class StackOptions:
     ready_timeout_s: float = 300.0
     # API keys the router requires (`--api-key`, repeatable); none = an open front door.
     api_keys: list[str] = field(default_factory=list)
+    # Mutual TLS on every gRPC hop, with certificates `kvmesh certs` makes in <state_dir>/certs.
+    tls: bool = False
     # Extra environment for workers (e.g. KVMESH_DTYPE=float32 in tests).
     worker_env: dict[str, str] = field(default_factory=dict)
 
@@ -108,6 +113,7 @@ class LocalStack:
     ) -> None:
         """Start one service child (tests add extra routers or workers this way)."""
         log_path = self.log_dir / f"{name}.log"
+        env = {**self._tls_env(module), **(env or {})}
         cmd = [
             sys.executable, "-m", module,
             "--namespace", self.options.namespace,
@@ -118,9 +124,25 @@ class LocalStack:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**child_env(), **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
+                env={**child_env(), **env}, start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         self.children.append(ServiceChild(name, instance_id, proc, log_path))
+
+    @property
+    def cert_dir(self) -> Path | None:
+        return self.options.state_dir / "certs" if self.options.tls else None
+
+    def make_certs(self) -> None:
+        """Certificates for this stack, and the supervisor's own client identity (health checks)."""
+        if self.cert_dir is not None:
+            write_certs(self.cert_dir)
+            tls.configure(tls.TlsConfig.for_service(self.cert_dir, "client"))
+
+    def _tls_env(self, module: str) -> dict[str, str]:
+        if self.cert_dir is None:
+            return {}
+        cert, key = cert_paths(self.cert_dir, _SERVICE_OF_MODULE[module])
+        return {"KVMESH_TLS_CERT": str(cert), "KVMESH_TLS_KEY": str(key), "KVMESH_TLS_CA": str(self.cert_dir / CA_FILE)}
 
     def start_kvstore(self) -> None:
         ns = self.options.namespace
@@ -208,6 +230,7 @@ class LocalStack:
             "namespace": self.options.namespace,
             "etcd_endpoint": self.etcd_endpoint,
             "redis_url": self.redis_url,
+            "cert_dir": str(self.cert_dir or ""),
             "services": [{"name": c.name, "instance_id": c.instance_id, "pid": c.proc.pid} for c in self.children],
             "options": {k: str(v) for k, v in asdict(self.options).items()},
         }
@@ -254,6 +277,7 @@ def run_stack(options: StackOptions) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        stack.make_certs()
         stack.start_stores()
         stack.start_services()
         print(f"kvmesh: starting {len(stack.children)} services, logs in {stack.log_dir}", flush=True)

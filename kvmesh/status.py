@@ -10,13 +10,13 @@ from typing import Any
 import grpc
 
 from kvmesh.discovery import Discovery
-from kvmesh.grpc_service import check_health, insecure_channel
+from kvmesh.grpc_service import check_health, mesh_channel
 from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 
 async def _kvstore_blocks(address: str) -> int | None:
     try:
-        async with insecure_channel(address) as channel:
+        async with mesh_channel(address) as channel:
             stats = await kvstore_pb2_grpc.KvStoreStub(channel).Stats(
                 kvstore_pb2.KvStoreStatsRequest(), timeout=2.0
             )

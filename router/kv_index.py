@@ -12,7 +12,7 @@ import logging
 import grpc
 
 from kvmesh.discovery import Discovery, Membership
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -42,7 +42,7 @@ class KvIndexClient:
             return None
         if addresses[0] != self._address:
             self._address = addresses[0]
-            self._channel = insecure_channel(self._address)
+            self._channel = mesh_channel(self._address)
             self._stub = kvstore_pb2_grpc.KvStoreStub(self._channel)
         return self._stub
 

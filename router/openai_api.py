@@ -52,6 +52,8 @@ def _number(body: dict, name: str, default: float, kind: type = float) -> Any:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
         raise invalid(f"{name} must be {'an integer' if kind is int else 'a number'}", name)
+    if kind is int and not -(2**31) <= value < 2**31:  # the wire field is an int32
+        raise invalid(f"{name} must be between {-(2**31)} and {2**31 - 1}", name)
     return kind(value)
 
 

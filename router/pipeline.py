@@ -372,7 +372,7 @@ class RouterCore:
         if checked.max_tokens < 0:
             raise invalid(f"max_tokens must be positive, got {checked.max_tokens}", "max_tokens")
         if checked.max_tokens == 0:
-            checked.max_tokens = min(remaining, DEFAULT_MAX_TOKENS)
+            checked.max_tokens = min(remaining, DEFAULT_MAX_TOKENS, self.settings.max_output_tokens)
         elif context and checked.max_tokens > remaining:
             raise invalid(
                 f"max_tokens {checked.max_tokens} + prompt {prompt_len} tokens exceeds the context of {context}",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvmesh.discovery import Discovery, Membership, MembershipEvent
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh_proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class WorkerPool:
             existing.info = event.info  # e.g. a role change
             return
         await self._drop(worker_id)
-        channel = insecure_channel(event.info.address)
+        channel = mesh_channel(event.info.address)
         state = WorkerState(event.info, channel, worker_pb2_grpc.WorkerStub(channel))
         state.stats_task = asyncio.create_task(self._follow_stats(state), name=f"stats:{worker_id}")
         self.workers[worker_id] = state

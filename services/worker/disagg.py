@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
 from services.engine.async_engine import AsyncEngine, EngineDeadError
@@ -175,7 +175,7 @@ async def pull_prefill(
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=skip_blocks,
                                           prefill_chunk_tokens=prefill_chunk_tokens)  # fmt: skip
-    async with insecure_channel(prefill_address) as channel:
+    async with mesh_channel(prefill_address) as channel:
         async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s,
                                                                            metadata=outgoing_metadata()):
             if first_chunk_at is None:

@@ -19,7 +19,7 @@ import threading
 import grpc
 
 from kvmesh.discovery import Discovery, Membership
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.kv_events import KvEvent
@@ -119,7 +119,7 @@ class KvEventPublisher:
             while True:
                 yield await outbox.get()
 
-        async with insecure_channel(address) as channel:
+        async with mesh_channel(address) as channel:
             call = kvstore_pb2_grpc.KvStoreStub(channel).Publish(requests())
             acks = asyncio.create_task(self._read_acks(call, outbox))
             try:

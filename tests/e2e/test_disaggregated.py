@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh.launcher import LocalStack
 from kvmesh.status import collect_status
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
@@ -135,6 +135,6 @@ def test_prefill_worker_killed_mid_prefill_the_request_still_completes(disagg, e
 async def decode_stats(stack: LocalStack) -> worker_pb2.WorkerStats:
     rows = await collect_status(stack.etcd_endpoint, stack.options.namespace)
     (row,) = [r for r in rows if r.get("role") == "decode"]
-    async with insecure_channel(row["address"]) as channel:
+    async with mesh_channel(row["address"]) as channel:
         async for stats in worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.WorkerStatsRequest()):
             return stats

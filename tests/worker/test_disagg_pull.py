@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from kvmesh.grpc_service import insecure_channel
+from kvmesh.grpc_service import mesh_channel
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.engine import Engine, EngineConfig, SamplingParams
 from services.engine.async_engine import AsyncEngine
@@ -39,7 +39,7 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
     ) -> AsyncIterator[transfer_pb2.KvBlockChunk]:
         fault = self.faults.pop(0) if self.faults else ""
         self.pulls += 1
-        async with insecure_channel(self.target) as channel:
+        async with mesh_channel(self.target) as channel:
             index = 0
             async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(request):
                 if index == 1 and fault == "corrupt":
@@ -113,7 +113,7 @@ async def decode(workers: Workers, prompt: list[int], request_id: str, fallbacks
     )  # fmt: skip
     tokens: list[int] = []
     cached_tokens = -1
-    async with insecure_channel(workers.decode_address) as channel:
+    async with mesh_channel(workers.decode_address) as channel:
         call = worker_pb2_grpc.WorkerStub(channel).Decode(worker_pb2.DecodeRequest(
             request=request, prefill_address=workers.proxy_address, fallback_prefill_addresses=fallbacks))  # fmt: skip
         async for response in call:
