@@ -57,6 +57,8 @@ class AsyncEngine:
                         return
                     calls, self._calls = self._calls, []
                 for fn, fut in calls:
+                    if not fut.set_running_or_notify_cancel():
+                        continue  # its caller gave up (cancelled) before it ran: nothing to do or report
                     try:
                         fut.set_result(fn())
                     except BaseException as exc:  # handed to the caller, not fatal here
@@ -135,7 +137,11 @@ class AsyncEngine:
                 if on_step is not None:
                     self._step_hooks[request_id] = on_step
 
-            await self.run(add)
+            try:
+                await self.run(add)
+            except asyncio.CancelledError:
+                added = True  # it may have run meanwhile: aborted below (a no-op if it did not)
+                raise
             added = True
             while True:
                 item = await queue.get()
