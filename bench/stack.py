@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 import uuid
@@ -81,8 +82,17 @@ class BenchStack:
         finally:
             await discovery.close()
 
-    async def worker_info(self, role: str) -> common_pb2.InstanceInfo:
-        return next(info for info in (await self.live_workers()).values() if info.role == role)
+    async def worker_info(self, role: str, timeout_s: float = 60.0) -> common_pb2.InstanceInfo:
+        """A live worker of ``role``; waits while none is registered (on a loaded machine a
+        lease can lapse for a moment until the worker's keep-alive registers it again)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [info for info in (await self.live_workers()).values() if info.role == role]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {role} worker registered after {timeout_s:.0f}s")
+            await asyncio.sleep(1.0)
 
     async def measure_overhead(self, samples: int = 40) -> dict:
         """TTFT through the router vs straight to the worker that served it (same prompt, 1 token)."""

@@ -10,7 +10,6 @@ The KV-event callback, if any, runs on the engine thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -61,10 +60,8 @@ class AsyncEngine:
                         return
                     calls, self._calls = self._calls, []
                 for fn, fut in calls:
-                    # A caller that was cancelled (its deadline passed) cancelled this future too;
-                    # setting a result on it would raise here and kill the engine thread.
                     if not fut.set_running_or_notify_cancel():
-                        continue
+                        continue  # its caller gave up (cancelled) before it ran: nothing to do or report
                     try:
                         fut.set_result(fn())
                     except BaseException as exc:  # handed to the caller, not fatal here
@@ -148,11 +145,7 @@ class AsyncEngine:
             try:
                 await self.run(add)
             except asyncio.CancelledError:
-                # A queued add is skipped (its future is cancelled), but one the engine thread had
-                # already started still lands: queue its undo behind it, or a request whose caller
-                # is gone would hold blocks to the end.
-                with contextlib.suppress(EngineDeadError):
-                    self.call(lambda e: e.abort(request_id))
+                added = True  # it may have run meanwhile: aborted below (a no-op if it did not)
                 raise
             added = True
             while True:
