@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench.serve import _pct
 from kvmesh.discovery import Discovery
 from kvmesh.hashing import block_hashes
 from kvmesh_proto.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -166,11 +167,6 @@ async def worker_busy_ms(etcd_endpoint: str, namespace: str) -> dict[str, int]:
 
     busy = await asyncio.gather(*(one(info.address) for info in workers.values()))
     return dict(zip(workers, busy, strict=True))
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
 
 
 def summarize(results: list[ReplayResult], wall_s: float, busy_ms: dict[str, int] | None = None) -> dict:

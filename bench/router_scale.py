@@ -6,7 +6,7 @@ Starts etcd, Redis and a real kvstore process, indexes ``--blocks`` KV blocks sp
 ``RouterCore.route`` — kvstore ``FindMatches`` over gRPC, scoring of every worker — in this one
 process, i.e. one core. A decision also hashes the prompt's tokens (``--prompt-tokens``, one
 chain per query), as ``RouterCore.open`` does. Reports decision latency p50/p99 one at a time,
-and decisions/s with ``--concurrency`` in flight; ``--profile`` writes a pyinstrument profile
+and decisions/s with ``--concurrency`` in flight; ``--profile`` writes a CPU-time profile (cProfile)
 of the sequential run.
 """
 
@@ -54,7 +54,9 @@ async def decide(core: RouterCore, info: common_pb2.InstanceInfo, tokens: list[i
     is queried with ``chain`` — an indexed conversation's hashes — so overlaps are realistic."""
     hashes = block_hashes(tokens, 16)
     assert len(hashes) == len(chain)
-    await core.route(info, chain, set())
+    _, route = await core.route(info, chain, set())
+    if route.mode != "kv":  # the index did not answer: a load-only decision would flatter the figures
+        raise RuntimeError(f"routing fell back to {route.mode}: the kvstore did not answer in time")
 
 
 async def measure(args: argparse.Namespace, stack: LocalStack) -> dict:
@@ -76,18 +78,26 @@ async def measure(args: argparse.Namespace, stack: LocalStack) -> dict:
         await decide(core, info, tokens[0], chain)
     profiler = None
     if args.profile:
-        from pyinstrument import Profiler
+        import cProfile
 
-        profiler = Profiler(interval=0.0002)
-        profiler.start()
+        # CPU time, not wall time: on a shared machine wall time is mostly waiting for a core.
+        profiler = cProfile.Profile(time.process_time)
+        profiler.enable()
     latencies = []
+    cpu_before = cpu_seconds(stack)
     for index, chain in enumerate(chains):
         start = time.perf_counter()
         await decide(core, info, tokens[index % len(tokens)], chain)
         latencies.append((time.perf_counter() - start) * 1000)
+    cpu_ms = {name: (after - cpu_before[name]) * 1000 / len(chains) for name, after in cpu_seconds(stack).items()}
     if profiler is not None:
-        profiler.stop()
-        args.profile.write_text(profiler.output_text(color=False, show_all=False))
+        import io
+        import pstats
+
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        args.profile.write_text(text.getvalue())
     throughput = await concurrent_rate(core, info, tokens, chains, args.concurrency)
     await kv_index.stop()
     await discovery.close()
@@ -97,7 +107,19 @@ async def measure(args: argparse.Namespace, stack: LocalStack) -> dict:
         "decision_ms": {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
                         "mean": statistics.fmean(latencies)},
         "decisions_per_s": throughput, "concurrency": args.concurrency,
+        # CPU time per sequential decision in each process: what the latency would be on idle
+        # cores (less the loopback hops), whatever the shared machine's load.
+        "cpu_ms_per_decision": cpu_ms,
     }  # fmt: skip
+
+
+def cpu_seconds(stack: LocalStack) -> dict[str, float]:
+    """User + system CPU seconds so far of this process (the router), the kvstore and Redis."""
+    import psutil
+
+    pids = {"router": os.getpid(), **{c.name: c.proc.pid for c in stack.children},
+            **{s.name: s.proc.pid for s in stack.stores if s.name == "redis"}}  # fmt: skip
+    return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
 
 
 async def concurrent_rate(core: RouterCore, info: common_pb2.InstanceInfo, tokens: list[list[int]],
@@ -123,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", type=Path, default=None, help="write a pyinstrument profile here")
+    parser.add_argument("--profile", type=Path, default=None, help="write a CPU-time profile here")
     parser.add_argument("--json", type=Path, default=Path("bench/results/router_scale.json"))
     return parser
 
@@ -142,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = result["decision_ms"]
     print(f"{result['workers']} workers, {args.blocks:,} indexed blocks, {args.prompt_tokens}-token prompts: "
           f"decision p50 {d['p50']:.3f} ms p99 {d['p99']:.3f} ms; {result['decisions_per_s']:.0f} decisions/s "
-          f"at concurrency {args.concurrency} (one process)")
+          f"at concurrency {args.concurrency} (one process); CPU ms per decision: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result["cpu_ms_per_decision"].items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, default=str))
     print(f"results: {args.json}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +25,13 @@ TARGET_WORKERS = 16
 def run_matrix(args: argparse.Namespace) -> list[dict]:
     from bench.stack import BenchStack
 
+    # Dozens of services on a few cores miss 3 s keep-alives; an expired lease makes the kvstore
+    # purge a live worker's blocks (or the router lose the kvstore), which would be measured as
+    # a routing failure. Every child inherits this (flags and KVMESH_* variables may override).
+    os.environ.setdefault("KVMESH_LEASE_TTL_S", "20")
     trace = load_trace(args.trace, args.limit)
-    env = {"KVMESH_MOCK_PROFILE": args.profile, "KVMESH_LOG_LEVEL": "WARNING"}
+    env = {"KVMESH_MOCK_PROFILE": args.profile, "KVMESH_LOG_LEVEL": "WARNING",
+           **dict(item.split("=", 1) for item in args.worker_env)}  # fmt: skip
     if args.kv_cache_blocks:
         env["KVMESH_KV_CACHE_BLOCKS"] = str(args.kv_cache_blocks)
     rows = []
@@ -156,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="cap on each request's output length")
     parser.add_argument("--profile", default="cpu-smollm2", help="mock timing profile (name or path)")
     parser.add_argument("--kv-cache-blocks", type=int, default=0, help="KV blocks per mock worker; 0 = default")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="KVMESH_X=V",
+                        help="extra worker setting, e.g. KVMESH_EVENT_FLUSH_MS=100 (repeatable)")
     parser.add_argument("--fleet-size", type=int, default=8, help="mock workers per process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/routing"))
@@ -170,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--workers must be comma-separated integers, got {args.workers!r}", file=sys.stderr)
         return 2
     args.modes = args.modes.split(",")
+    if any("=" not in item for item in args.worker_env):
+        print("--worker-env takes KVMESH_NAME=VALUE", file=sys.stderr)
+        return 2
     rows = run_matrix(args)
     report = write_report(rows, args)
     print(f"report: {report}")

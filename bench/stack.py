@@ -54,16 +54,9 @@ class BenchStack:
         return self
 
     def _start_fleets(self) -> None:
-        """Mock workers ``fleet_size`` to a process (services/worker/mock_fleet.py)."""
-        options = self.stack.options
-        env = {**options.worker_env, "KVMESH_NUM_THREADS": "1"}
-        for first in range(0, options.workers, self.fleet_size):
-            size = min(self.fleet_size, options.workers - first)
-            base = f"aggregated-{self.namespace}-{first}"
-            self.stack.spawn(f"fleet-{first}", base, "services.worker.mock_fleet",
-                             ["--engine", "mock", "--fleet-size", str(size)], env)  # fmt: skip
-            # The fleet registers <base>.0 … <base>.<size-1>; health is awaited on the first.
-            self.stack.children[-1].instance_id = f"{base}.0"
+        workers = self.stack.options.workers
+        for first in range(0, workers, self.fleet_size):
+            self.stack.add_mock_fleet(first, min(self.fleet_size, workers - first))
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()

@@ -60,8 +60,11 @@ class AsyncEngine:
                         return
                     calls, self._calls = self._calls, []
                 for fn, fut in calls:
+                    # A caller cancelled while queued (a stream closed, a deadline passed) no
+                    # longer wants its call: skip it. Setting a result on its cancelled future
+                    # would raise here and stop the engine thread for every other request.
                     if not fut.set_running_or_notify_cancel():
-                        continue  # its caller gave up (cancelled) before it ran: nothing to do or report
+                        continue
                     try:
                         fut.set_result(fn())
                     except BaseException as exc:  # handed to the caller, not fatal here

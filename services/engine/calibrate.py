@@ -9,6 +9,7 @@ model's size: no measurement, and the profile says so in its ``source`` field.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -166,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description = (f"MEASURED on this host's CPU: {args.model}, {args.dtype}, "
                        f"{args.num_threads or 'default'} threads (`kvmesh calibrate`).")
         meta = {"model": args.model, "dtype": args.dtype, "num_threads": args.num_threads,
+                # A shared machine's load slows every step: record it beside the figures.
+                "load_average_1m_after": os.getloadavg()[0],
                 "shapes": [{**row["shape"].__dict__, "measured_s": row["median_s"], "predicted_s": row["predicted_s"]}
                            for row in rows]}  # fmt: skip
         profile = TimingProfile(args.name, "measured", description, coefficients, meta)

@@ -19,10 +19,15 @@ from collections.abc import Sequence
 
 from kvmesh.config import WorkerSettings, add_settings_arguments, settings_from_namespace
 from kvmesh.logging_setup import setup_logging
+from services.engine.config import DEFAULT_MODEL
+from services.engine.loader import load_model_config
 from services.worker.server import serve
 
 
 async def serve_fleet(settings: WorkerSettings, size: int) -> None:
+    # Parse the model's metadata once (memoized) before the engines are built side by side,
+    # instead of once per engine thread racing to fill the cache.
+    await asyncio.to_thread(load_model_config, settings.model or DEFAULT_MODEL)
     tasks = [asyncio.create_task(serve(dataclasses.replace(settings, instance_id=f"{settings.instance_id}.{i}")))
              for i in range(size)]  # fmt: skip
     try:
