@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 
@@ -21,7 +23,8 @@ class BenchStack:
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
         self.stack = LocalStack(StackOptions(workers=workers, prefill=prefill, decode=decode,
                                              namespace=self.namespace, grpc_port=free_port(), http_port=free_port(),
-                                             router_mode=modes[0], worker_env=worker_env or {}))  # fmt: skip
+                                             router_mode=modes[0], worker_env=worker_env or {},
+                                             state_dir=Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))))  # fmt: skip
         self.modes = modes
         self.http: dict[str, str] = {}
         self.grpc: dict[str, str] = {}
