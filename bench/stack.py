@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -23,11 +24,11 @@ class BenchStack:
         """``fleet_size`` > 1 (mock engine only) runs the workers that many to a process."""
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
         self.fleet_size = fleet_size if engine == "mock" else 1
-        extra = {"state_dir": state_dir} if state_dir else {}
         self.stack = LocalStack(StackOptions(workers=workers, prefill=prefill, decode=decode, engine=engine,
                                              namespace=self.namespace, grpc_port=free_port(), http_port=free_port(),
                                              router_mode=modes[0], worker_env=worker_env or {},
-                                             ready_timeout_s=ready_timeout_s, **extra))  # fmt: skip
+                                             ready_timeout_s=ready_timeout_s, state_dir=state_dir
+                                             or Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))))  # fmt: skip
         self.modes = modes
         self.http: dict[str, str] = {}
         self.grpc: dict[str, str] = {}
