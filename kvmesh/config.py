@@ -185,6 +185,9 @@ class RouterSettings(ServiceSettings):
     max_messages: int = dataclasses.field(default=1024, metadata=_help("most chat messages in one request"))
     max_prompt_tokens: int = dataclasses.field(default=1 << 20, metadata=_help("longest pre-tokenized prompt"))
     max_output_tokens: int = dataclasses.field(default=32768, metadata=_help("largest max_tokens accepted"))
+    migration_limit: int = dataclasses.field(
+        default=3, metadata=_help("times a stream broken mid-way is resumed on another worker; 0 = never")
+    )
 
     kind = "router"
 

@@ -98,4 +98,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             router_mode=self.core.settings.router_mode,
             workers=workers,
             kvstore_available=self.core.kv_index.available,
+            migrations=self.core.migrations,
         )

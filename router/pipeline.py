@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from router.admission import InflightLimit, InflightSlot
 from router.auth import FrontDoorAuth
 from router.errors import RouterError, exhausted, invalid
 from router.kv_index import KvIndexClient
+from router.migration import MIGRATABLE, Attempt, Resume, continuation_request
 from router.request_limits import check_request_limits
 from router.request_trace import RecentRequests, RouterRequestTrace
 from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv, rank_by_cost
@@ -86,28 +88,37 @@ class Generation:
         request_id: str,
         model: str,
         prompt_token_ids: list[int],
-        worker: WorkerState,
-        call: grpc.aio.UnaryStreamCall,
-        first: worker_pb2.WorkerGenerateResponse,
+        attempt: Attempt,
         text: TextStream,
         route: RouteInfo,
         block_size: int,
         trace: RouterRequestTrace,
+        resume: Resume | None = None,
+        migration_limit: int = 0,
     ) -> None:
         self.request_id = request_id
         self.model = model
         self.prompt_token_ids = prompt_token_ids
-        self.worker = worker
         self.route = route
-        self.cached_tokens = first.cached_tokens
+        self.cached_tokens = attempt.first.cached_tokens
         self.completion_tokens = 0
+        self.output_token_ids: list[int] = []
         self.finish_reason = ""
-        self._call = call
-        self._first: worker_pb2.WorkerGenerateResponse | None = first
+        self.migrations = 0
+        self._use(attempt)
         self._text = text
         self._block_size = block_size
         self.trace = trace
+        self._resume = resume
+        self._migration_limit = migration_limit
+        self._excluded: set[str] = set()
         self.slot: InflightSlot | None = None
+
+    def _use(self, attempt: Attempt) -> None:
+        self.worker = attempt.worker
+        self._call = attempt.call
+        self._first: worker_pb2.WorkerGenerateResponse | None = attempt.first
+        self._worker_request_id = attempt.request_id
 
     @property
     def worker_id(self) -> str:
@@ -121,19 +132,35 @@ class Generation:
         )
 
     async def _responses(self) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        if self._first is not None:
-            first, self._first = self._first, None
-            yield first
         while True:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+                continue
             try:
                 response = await self._call.read()
+                failure = "ended the stream early" if response is grpc.aio.EOF else ""
             except grpc.aio.AioRpcError as exc:
-                raise RouterError(
-                    grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} failed mid-stream: {exc.details()}"
-                ) from exc
-            if response is grpc.aio.EOF:
-                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} ended the stream early")
-            yield response
+                if exc.code() not in MIGRATABLE:
+                    expired = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.UNAVAILABLE
+                    raise RouterError(code, f"worker {self.worker_id} failed mid-stream: {exc.details()}") from exc
+                failure = f"failed mid-stream ({exc.code().name}: {exc.details()})"
+            if not failure:
+                yield response
+                continue
+            await self._migrate(f"worker {self.worker_id} {failure}")
+
+    async def _migrate(self, failure: str) -> None:
+        """Resume on another worker from the tokens sent so far (``--migration-limit`` times at most)."""
+        if self._resume is None or self.migrations >= self._migration_limit:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, failure)
+        self.migrations += 1
+        log.warning("%s after %d tokens; resuming %s elsewhere (migration %d)", failure,
+                    len(self.output_token_ids), self.request_id, self.migrations)  # fmt: skip
+        self.worker.finish(self._worker_request_id)
+        self._excluded.add(self.worker_id)
+        self._use(await self._resume(list(self.output_token_ids), self._excluded, self.migrations))
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """Text deltas until the request finishes; closing early cancels it on the worker."""
@@ -141,6 +168,7 @@ class Generation:
             async for response in self._responses():
                 token_ids = list(response.token_ids)
                 self.completion_tokens += len(token_ids)
+                self.output_token_ids += token_ids
                 self._track_blocks()
                 delta = self.trace.detokenize(self._text.push, token_ids)
                 if self._text.stopped:
@@ -159,14 +187,14 @@ class Generation:
 
     def _track_blocks(self) -> None:
         total = len(self.prompt_token_ids) + self.completion_tokens
-        if self.request_id in self.worker.inflight:
-            self.worker.inflight[self.request_id] = -(-total // self._block_size)
+        if self._worker_request_id in self.worker.inflight:
+            self.worker.inflight[self._worker_request_id] = -(-total // self._block_size)
 
     def close(self) -> None:
         """Forget the request (and cancel it on the worker if it is still running)."""
         if not self._call.done():
             self._call.cancel()
-        self.worker.finish(self.request_id)
+        self.worker.finish(self._worker_request_id)
         self.trace.finish(request_id=self.request_id, finish_reason=self.finish_reason)
         if self.slot is not None:
             self.slot.release()
@@ -180,6 +208,7 @@ class RouterCore:
         self.tokenizers = TokenizerCache()
         self.auth = FrontDoorAuth.from_settings(settings)
         self.admission = InflightLimit(settings.max_inflight_requests)
+        self.migrations = 0  # streams resumed on another worker after they broke mid-way
         self._round_robin = RoundRobin()
         self._rng = random.Random()
         self.recent = RecentRequests()
@@ -299,20 +328,42 @@ class RouterCore:
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id, model=info.model, token_ids=prompt, sampling=sampling
         )
-        tried: set[str] = set()
+        deadline = time.monotonic() + (request.timeout_s or self.settings.request_timeout_s)
+        block_size = info.block_size or 16
+        route, attempt = await self._start(info, worker_request, hashes, request.timeout_s, set(), trace)
+        trace.first_response(attempt.first)
+
+        async def resume(sent: list[int], exclude: set[str], migration: int) -> Attempt:
+            continued = continuation_request(worker_request, sent, migration)
+            self.migrations += 1
+            _, attempt = await self._start(info, continued, block_hashes(list(continued.token_ids), block_size),
+                                           deadline - time.monotonic(), exclude, trace)  # fmt: skip
+            return attempt
+
+        text = TextStream(tokenizer.detokenizer(prompt), list(sampling.stop))
+        return Generation(request_id, info.model, prompt, attempt, text, route, block_size, trace, resume,
+                          self.settings.migration_limit)  # fmt: skip
+
+    async def _start(
+        self, info: common_pb2.InstanceInfo, worker_request: worker_pb2.WorkerGenerateRequest, hashes: list[int],
+        timeout_s: float | None, tried: set[str], trace: RouterRequestTrace,
+    ) -> tuple[RouteInfo, Attempt]:
+        """Route and open a worker stream until one produces its first response (plain retry
+        elsewhere while nothing was sent); ``tried`` workers are skipped and grow with failures."""
+        request_id = worker_request.request_id
         last_error = ""
         busy = False
         for _ in range(_MAX_ATTEMPTS):
             try:
                 with trace.phase("route") as span:
                     worker, route = await self.route(info, hashes, tried)
-                    trace.routed(span, route, len(prompt))
+                    trace.routed(span, route, len(worker_request.token_ids))
             except RouterError:
                 if not tried:
                     raise
                 break  # every worker was tried
             worker.inflight[request_id] = len(hashes) + 1
-            call = self._call(worker, route, worker_request, request.timeout_s, trace.call_metadata())
+            call = self._call(worker, route, worker_request, timeout_s, trace.call_metadata())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -331,10 +382,7 @@ class RouterCore:
                 worker.inflight.pop(request_id, None)
                 tried.add(worker.worker_id)
                 continue
-            trace.first_response(first)
-            text = TextStream(tokenizer.detokenizer(prompt), list(sampling.stop))
-            return Generation(request_id, info.model, prompt, worker, call, first, text, route, info.block_size or 16,
-                              trace)  # fmt: skip
+            return route, Attempt(worker, call, first, request_id)
         if busy:
             raise exhausted(f"every worker is at its queue limit ({last_error}); retry shortly", 1.0)
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error})")
