@@ -14,9 +14,10 @@ uses), on fresh random prompts of the same length (nothing cached), interleaved 
 hidden fraction = 1 − (TTFT with overlap − compute in steps) / transfer: 1 when the pull
 costs no more than the stepped prefill alone, 0 when the whole transfer still follows the
 compute. (Stepped prefill's own cost or gain against one step is reported beside it, not
-mixed in: on CPU, 256-token steps measured faster than one 1,500-token step.) It is reported twice: against the wire time
-above, and against what the pull adds to the compute when nothing overlaps (TTFT overlap off
-− compute: the wire plus exporting, serializing and checking the first chunk, and the call).
+mixed in: on CPU, 256-token steps measured faster than one 1,500-token step.) It is
+reported twice: against the wire time above, and against what the pull adds to the compute
+when nothing overlaps (TTFT overlap off − compute in one step: the wire plus exporting,
+serializing and checking the first chunk, and the call).
 """
 
 from __future__ import annotations
