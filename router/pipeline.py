@@ -303,7 +303,7 @@ class RouterCore:
         return generation
 
     async def _open(self, request: GenerationInput) -> Generation:
-        check_request_limits(self.settings, request.messages, request.token_ids, request.sampling.max_tokens)
+        check_request_limits(self.settings, request.messages, request.token_ids, 0)
         info = self.resolve_model(request.model)
         prompt, tokenizer = await self.tokenize(request, info)
         sampling = self._checked_sampling(request.sampling, len(prompt), info)
@@ -405,6 +405,7 @@ class RouterCore:
                 f"max_tokens {checked.max_tokens} + prompt {prompt_len} tokens exceeds the context of {context}",
                 "max_tokens",
             )
+        check_request_limits(self.settings, None, None, checked.max_tokens)
         _check_sampling_ranges(checked)
         return checked
 
