@@ -181,7 +181,7 @@ class RouterSettings(ServiceSettings):
     max_inflight_requests: int = dataclasses.field(
         default=256, metadata=_help("requests in flight beyond which the router answers 429; 0 = no limit")
     )
-    max_body_bytes: int = dataclasses.field(default=8 * 1024 * 1024, metadata=_help("largest HTTP request body"))
+    max_body_bytes: int = dataclasses.field(default=16 * 1024 * 1024, metadata=_help("largest HTTP request body"))
     max_messages: int = dataclasses.field(default=1024, metadata=_help("most chat messages in one request"))
     max_prompt_tokens: int = dataclasses.field(default=1 << 20, metadata=_help("longest pre-tokenized prompt"))
     max_output_tokens: int = dataclasses.field(default=32768, metadata=_help("largest max_tokens accepted"))

@@ -318,7 +318,7 @@ class RouterCore:
         return generation
 
     async def _open(self, request: GenerationInput, trace: RouterRequestTrace) -> Generation:
-        check_request_limits(self.settings, request.messages, request.token_ids, request.sampling.max_tokens)
+        check_request_limits(self.settings, request.messages, request.token_ids, 0)
         info = self.resolve_model(request.model)
         with trace.phase("tokenize"):
             prompt, tokenizer = await self.tokenize(request, info)
@@ -426,6 +426,7 @@ class RouterCore:
                 f"max_tokens {checked.max_tokens} + prompt {prompt_len} tokens exceeds the context of {context}",
                 "max_tokens",
             )
+        check_request_limits(self.settings, None, None, checked.max_tokens)
         _check_sampling_ranges(checked)
         return checked
 

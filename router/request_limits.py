@@ -34,7 +34,8 @@ def _too_large(size: int, max_bytes: int) -> RouterError:
 
 def check_request_limits(settings: RouterSettings, messages: list | None, token_ids: list | None,
                          max_tokens: int) -> None:  # fmt: skip
-    """Message count, pre-tokenized prompt length and max_tokens against the router's limits."""
+    """Message count, pre-tokenized prompt length and max_tokens against the router's limits
+    (max_tokens is checked after the model's context, whose message is the more useful one)."""
     if messages is not None and len(messages) > settings.max_messages:
         raise invalid(f"{len(messages)} messages; at most {settings.max_messages} are accepted", "messages")
     if token_ids is not None and len(token_ids) > settings.max_prompt_tokens:

@@ -37,7 +37,7 @@ def keyed(mesh) -> Iterator[KeyedRouter]:
                      ["--port", str(grpc_port), "--http-port", str(http_port)], env)  # fmt: skip
     child = mesh.stack.children[-1]
     try:
-        mesh.stack.wait_router_workers(f"http://127.0.0.1:{http_port}", 2)
+        mesh.stack.wait_router_workers(f"http://127.0.0.1:{http_port}", 2, timeout_s=300)
         yield KeyedRouter(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     finally:
         child.proc.terminate()

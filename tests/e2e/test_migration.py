@@ -10,6 +10,7 @@ import signal
 
 import grpc
 import httpx
+import pytest
 
 from kvmesh_proto.v1 import router_pb2, router_pb2_grpc
 from services.engine.sampling_params import SamplingParams
@@ -23,6 +24,8 @@ def router_migrations(mesh) -> int:
         return router_pb2_grpc.RouterStub(channel).Status(router_pb2.StatusRequest(), timeout=10).migrations
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # starts a third worker: minutes on a loaded 2-core machine
 async def test_sigkilled_worker_mid_stream_is_resumed_elsewhere_with_identical_text(mesh, engine, tokenizer):
     # A third worker first, so that two remain after one is killed (the later tests expect two).
     mesh.add_worker(7)
