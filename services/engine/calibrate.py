@@ -9,6 +9,7 @@ model's size: no measurement, and the profile says so in its ``source`` field.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -135,6 +136,30 @@ def roofline_profile(name: str, model: str, dtype_bytes: int, memory_tb_s: float
     return TimingProfile(name, "roofline", description, coefficients, meta)
 
 
+def gpu_report_profile(name: str, report: Path, model: str) -> TimingProfile:
+    """A measured profile from ``bench/engine.py --device cuda``'s raw timings (``--profile-out``):
+    each prefill point is one step of ``new_tokens`` after ``cached_tokens`` cached, each decode
+    point one step of ``batch`` rows at ``mean_context``. Fitted like a CPU calibration."""
+    data = json.loads(report.read_text())
+    timings = data["models"].get(model)
+    if timings is None:
+        raise ValueError(f"{report} has no timings of {model}; it has {', '.join(data['models'])}")
+    samples = [(StepShape(prefill_tokens=p["new_tokens"], prefill_attention=p["new_tokens"] * p["cached_tokens"]
+                          + p["new_tokens"] * (p["new_tokens"] + 1) // 2), p["ttft_ms"] / 1e3)
+               for p in timings["prefill"]]  # fmt: skip
+    samples += [(StepShape(decode_seqs=d["batch"], decode_context=round(d["batch"] * (d["mean_context"] + 1))),
+                 d["step_ms"] / 1e3) for d in timings["decode"]]  # fmt: skip
+    profile = TimingProfile(name, "measured", "", fit_coefficients(samples))
+    errors = [profile.predict(shape) / seconds - 1 for shape, seconds in samples]
+    ceilings = data.get("ceilings", {})
+    profile.description = (f"MEASURED on {ceilings.get('device', 'a GPU')}: {model}, bf16, kvmesh's CUDA engine "
+                           f"(`bench/engine.py --device cuda`, {data.get('measured', '')}); fitted with "
+                           f"`kvmesh calibrate --from-gpu-report`.")
+    profile.meta = {"model": model, "report": str(report), "ceilings": ceilings, "points": len(samples),
+                    "max_abs_error": max(abs(e) for e in errors)}  # fmt: skip
+    return profile
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmesh calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -146,13 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--roofline", action="store_true", help="derive from peak figures instead of measuring")
     parser.add_argument("--memory-tb-s", type=float, default=3.02, help="roofline: memory copy bandwidth (H100)")
     parser.add_argument("--tflops", type=float, default=796.0, help="roofline: bf16 matmul TFLOP/s (H100)")
+    parser.add_argument("--from-gpu-report", type=Path, default=None,
+                        help="fit to the raw timings of `bench/engine.py --device cuda --profile-out`")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or PROFILES_DIR / f"{args.name}.json"
-    if args.roofline:
+    if args.from_gpu_report:
+        profile = gpu_report_profile(args.name, args.from_gpu_report, args.model)
+    elif args.roofline:
         profile = roofline_profile(args.name, args.model, 2, args.memory_tb_s, args.tflops)
     else:
         config = EngineConfig(model=args.model, dtype=args.dtype, num_kv_blocks=2048, max_num_batched_tokens=2048,

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 
 from services.engine import Engine, SamplingParams
-from services.engine.calibrate import Shape, measure
+from services.engine.calibrate import Shape, gpu_report_profile, measure
 from services.engine.config import EngineConfig
 from services.engine.timing_model import StepShape, TimingProfile, fit_coefficients
 
@@ -90,6 +91,17 @@ def test_fit_recovers_known_coefficients():
 
 
 @pytest.mark.slow
+def test_h100_profile_is_fitted_to_the_measured_gpu_timings():
+    """The shipped H100 profile is the fit of the raw timings the GPU engine measured on an H100
+    (bench/profiles/h100-measured-raw.json), and it predicts every measured point within 25%."""
+    report = Path(__file__).parents[2] / "bench" / "profiles" / "h100-measured-raw.json"
+    fitted = gpu_report_profile("h100-llama3-8b-measured", report, "random:llama-3-8b")
+    shipped = TimingProfile.load("h100-llama3-8b-measured")
+    assert shipped.source == "measured"
+    assert shipped.coefficients == pytest.approx(fitted.coefficients)
+    assert fitted.meta["points"] >= 20 and fitted.meta["max_abs_error"] < 0.25
+
+
 def test_timing_model_predicts_the_real_engine_within_25_percent(engine: Engine):
     """Fit a profile now, on this machine's load (not the shipped profile), then compare its
     predictions with re-measured runs of two of the calibrated shapes. Calibration and checks
