@@ -8,6 +8,8 @@ SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, bf16, 16-token blocks) for a p
   ``kv()``, in one process (the message bytes gRPC would carry, no socket);
 - grpc: the same chunks streamed by a ``KvTransfer.PullBlocks`` servicer in another process
   over loopback to the real receiving side (``mesh_channel``, ``pull_blocks``, ``kv()``);
+- grpc raw bytes: the same encoded messages as opaque bytes on the same server (no chunk work
+  on either side): gRPC's own ceiling on this machine;
 - loopback: a raw TCP copy of the same bytes (``bench.serve.loopback_mb_per_s``), the ceiling.
 
 Rates are KV bytes / seconds; ratios are against the loopback rate of the same run.
@@ -40,8 +42,11 @@ from services.worker.kv_wire import (
     decode_chunk,
     encode_chunk,
     export_to_chunks,
+    keep_transfer_buffers,
     pull_blocks,
 )
+
+_RAW_SERVICE = "kvmesh.bench.RawBytes"
 
 
 def make_export(model: str, tokens: int, block_size: int, dtype: torch.dtype, seed: int = 0) -> KvExport:
@@ -90,9 +95,18 @@ class _StreamingServicer(transfer_pb2_grpc.KvTransferServicer):
 
 
 def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) -> None:
+    keep_transfer_buffers()  # as the worker process does
+    messages = [encode_chunk(chunk) for chunk in chunks_of(export, chunk_blocks)]
+
+    async def raw(request: bytes, context: grpc.aio.ServicerContext):
+        for message in messages:
+            yield message
+
     async def run() -> None:
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         add_transfer_servicer(_StreamingServicer(export, chunk_blocks), server)
+        handler = grpc.unary_stream_rpc_method_handler(raw)  # bytes in, bytes out: no (de)serialization
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_RAW_SERVICE, {"Stream": handler}),))
         ports.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -110,7 +124,17 @@ async def _pull_once(address: str, export: KvExport) -> float:
     return seconds
 
 
-def time_grpc(export: KvExport, chunk_blocks: int, runs: int) -> list[float]:
+async def _raw_once(address: str) -> float:
+    """The same messages as opaque bytes: what gRPC itself costs, with no chunk work on either side."""
+    async with mesh_channel(address) as channel:
+        start = time.perf_counter()
+        async for _ in channel.unary_stream(f"/{_RAW_SERVICE}/Stream")(b""):
+            pass
+        return time.perf_counter() - start
+
+
+def time_grpc(export: KvExport, chunk_blocks: int, runs: int) -> tuple[list[float], list[float]]:
+    """(PullBlocks seconds, raw-bytes stream seconds) per run, interleaved."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
     server = ctx.Process(target=_serve, args=(export, chunk_blocks, ports), daemon=True)
@@ -118,24 +142,31 @@ def time_grpc(export: KvExport, chunk_blocks: int, runs: int) -> list[float]:
     try:
         address = f"127.0.0.1:{ports.get(timeout=60)}"
         asyncio.run(_pull_once(address, export))  # warm-up: channel, first-call costs
-        return [asyncio.run(_pull_once(address, export)) for _ in range(runs)]
+        pulls, raws = [], []
+        for _ in range(runs):
+            pulls.append(asyncio.run(_pull_once(address, export)))
+            raws.append(asyncio.run(_raw_once(address)))
+        return pulls, raws
     finally:
         server.terminate()
         server.join()
 
 
 def measure(model: str, tokens: int, chunk_blocks: int, runs: int, block_size: int = 16) -> dict:
+    keep_transfer_buffers()  # as the worker process does
     export = make_export(model, tokens, block_size, torch.bfloat16)
     size = export.data.numel() * export.data.element_size()
     loadavg_start = os.getloadavg()[0]
     serialize = statistics.median(time_serialize(export, chunk_blocks) for _ in range(runs))
-    wire = statistics.median(time_grpc(export, chunk_blocks, runs))
+    pulls, raws = time_grpc(export, chunk_blocks, runs)
+    wire, raw = statistics.median(pulls), statistics.median(raws)
     loopback = loopback_mb_per_s(size, repeats=runs)
     rates = {"serialize_mb_per_s": size / serialize / 1e6, "grpc_mb_per_s": size / wire / 1e6,
-             "loopback_mb_per_s": loopback}  # fmt: skip
+             "grpc_raw_bytes_mb_per_s": size / raw / 1e6, "loopback_mb_per_s": loopback}  # fmt: skip
     return {"model": model, "tokens": tokens, "bytes": size, "chunk_blocks": chunk_blocks,
             "chunk_bytes": size // export.num_blocks * chunk_blocks, "runs": runs, **rates,
             "serialize_ratio": rates["serialize_mb_per_s"] / loopback, "grpc_ratio": rates["grpc_mb_per_s"] / loopback,
+            "grpc_raw_bytes_ratio": rates["grpc_raw_bytes_mb_per_s"] / loopback,
             "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0]}  # fmt: skip
 
 
@@ -143,8 +174,10 @@ def print_result(r: dict) -> None:
     print(f"KV transfer, {r['model']} {r['tokens']} tokens = {r['bytes'] / 1e6:.1f} MB, "
           f"{r['chunk_blocks']} blocks/chunk ({r['chunk_bytes'] / 1e6:.2f} MB), medians of {r['runs']}:")
     print(f"  {'path':<34}{'MB/s':>8}{'vs loopback':>13}")
-    print(f"  {'serialize + assemble (in-process)':<34}{r['serialize_mb_per_s']:>8.0f}{r['serialize_ratio']:>13.0%}")
-    print(f"  {'gRPC PullBlocks stream (loopback)':<34}{r['grpc_mb_per_s']:>8.0f}{r['grpc_ratio']:>13.0%}")
+    rows = (("serialize + assemble (in-process)", "serialize"), ("gRPC PullBlocks stream (loopback)", "grpc"),
+            ("gRPC stream of opaque bytes", "grpc_raw_bytes"))
+    for label, key in rows:
+        print(f"  {label:<34}{r[key + '_mb_per_s']:>8.0f}{r[key + '_ratio']:>13.0%}")
     print(f"  {'raw loopback socket copy':<34}{r['loopback_mb_per_s']:>8.0f}{1:>13.0%}")
     print(f"  1-min load average {r['loadavg_start']:.1f} at start, {r['loadavg_end']:.1f} at end (shared machine)")
 

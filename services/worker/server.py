@@ -16,7 +16,7 @@ from services.engine.config import DEFAULT_MODEL, EngineConfig
 from services.engine.llm_engine import Engine
 from services.worker import metrics
 from services.worker.kv_publisher import KvEventPublisher
-from services.worker.kv_wire import add_transfer_servicer
+from services.worker.kv_wire import add_transfer_servicer, keep_transfer_buffers
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
 
@@ -50,6 +50,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 
 async def serve(settings: WorkerSettings) -> None:
+    keep_transfer_buffers()
     engine = await asyncio.to_thread(build_engine, settings)
     async_engine = AsyncEngine(engine)
     process = ServiceProcess(settings, SERVICE_NAMES)
