@@ -2,7 +2,7 @@
 
 ``KvExport.data`` is ``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``, exactly
 ``kvmesh.v1.KvBlockChunk``'s layout; a worker slices it by layers/blocks into chunks and ships
-``tensor_to_bytes`` of each (little-endian raw bytes, never pickle).
+``tensor_pieces`` of each (little-endian raw bytes, never pickle) without copying them first.
 """
 
 from __future__ import annotations

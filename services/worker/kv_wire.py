@@ -4,6 +4,12 @@ put back together on the other side.
 Raw little-endian tensor bytes with dtype, shape and block positions beside them, never
 pickle: a receiver trusts nothing it cannot check, and a checksum mismatch or a shape that
 does not add up is refused before a single byte reaches its KV pool.
+
+Copies, because on CPU they (and the page faults of fresh buffers) are what a transfer costs:
+the sender gathers the tensor's rows straight into the gRPC message (``WireChunk.encode``), the
+receiver reads ``data`` as a view of gRPC's message bytes (``decode_chunk``) and copies it once
+into the tensor it imports (``ChunkAssembler.kv``). The bytes on the wire are plain
+``KvBlockChunk`` protobuf either way; each chunk is checksummed once, over its whole payload.
 """
 
 from __future__ import annotations
