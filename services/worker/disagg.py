@@ -185,7 +185,11 @@ async def pull_prefill(
                                           request=request, skip_blocks=skip_blocks,
                                           prefill_chunk_tokens=prefill_chunk_tokens)  # fmt: skip
     async with mesh_channel(prefill_address) as channel:
-        async for chunk, data in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
+        async for received in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
+            if received is None:  # gRPC logs a message decode_chunk refused and hands on None
+                raise TransferError(f"{request.request_id}: a message after block {assembler.next_block} "
+                                    "is not a KvBlockChunk")  # fmt: skip
+            chunk, data = received
             if first_chunk_at is None:
                 first_chunk_at, first_chunk_bytes = time.monotonic(), len(data)
             assembler.add(chunk, data)
