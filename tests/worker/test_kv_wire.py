@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-from kvmesh_proto.v1 import transfer_pb2
+from kvmesh_proto.v1 import transfer_pb2, worker_pb2
 from services.engine.kv_transfer import KvExport
+from services.worker.disagg import pull_prefill
 from services.worker.kv_wire import (
     ChunkAssembler,
     TransferError,
@@ -87,3 +89,24 @@ def test_a_truncated_message_is_refused():
     message = encode_chunk(next(export_to_chunks(sample_export(), 0, 2, "t1", "r1")))
     with pytest.raises(DecodeError):
         decode_chunk(message[:-1])
+
+
+async def test_a_message_that_is_not_a_chunk_fails_the_pull_as_a_transfer_error():
+    """gRPC hands on None for a message its deserializer refused; the pull must not crash on
+    it but fail the way a corrupt chunk does (retried elsewhere, then prefilled locally)."""
+    message = encode_chunk(next(export_to_chunks(sample_export(), 0, 2, "t1", "r1")))
+
+    async def stream(request: bytes, context: grpc.aio.ServicerContext):
+        yield message[:-1]
+
+    server = grpc.aio.server()
+    handler = grpc.unary_stream_rpc_method_handler(stream)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvmesh.v1.KvTransfer",
+                                                                          {"PullBlocks": handler}),))  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        with pytest.raises(TransferError, match="not a KvBlockChunk"):
+            await pull_prefill(f"127.0.0.1:{port}", worker_pb2.WorkerGenerateRequest(request_id="r1"), 0, 10)
+    finally:
+        await server.stop(0)
