@@ -2,7 +2,7 @@
 
 ``KvExport.data`` is ``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``, exactly
 ``kvmesh.v1.KvBlockChunk``'s layout; a worker slices it by layers/blocks into chunks and ships
-``tensor_to_bytes`` of each (little-endian raw bytes, never pickle).
+``tensor_pieces`` of each (little-endian raw bytes, never pickle) without copying them first.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,13 +69,39 @@ def write_blocks(kv_cache: torch.Tensor, block_ids: list[int], data: torch.Tenso
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
-    """Little-endian raw bytes of a tensor (any dtype, bfloat16 included)."""
+    """Little-endian raw bytes of a tensor (any dtype, bfloat16 included), in one copy: a slice
+    of blocks out of ``[layers, 2, blocks, ...]`` is gathered straight from its contiguous rows
+    (``contiguous()`` then ``tobytes()`` would copy every byte twice)."""
+    return b"".join(tensor_pieces(t))
+
+
+def tensor_pieces(t: torch.Tensor) -> list[memoryview]:
+    """The tensor's little-endian raw bytes as zero-copy views, in row-major order."""
     assert sys.byteorder == "little"
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return [memoryview(p.view(torch.uint8).numpy()) for p in _contiguous_pieces(t.detach().cpu())]
 
 
-def tensor_from_bytes(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
-    if dtype not in _DTYPES:
-        raise ValueError(f"unsupported KV dtype {dtype!r}")
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return raw.view(_DTYPES[dtype]).reshape(shape)
+def _contiguous_pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` as a row-major sequence of contiguous tensors (views, not copies, where it can)."""
+    if t.is_contiguous():
+        return [t.reshape(-1)]
+    if t.dim() <= 1 or t.stride(-1) != 1:
+        return [t.contiguous().reshape(-1)]
+    return [piece for row in t.unbind(0) for piece in _contiguous_pieces(row)]
+
+
+def tensor_from_bytes(data: bytes | memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
+    """A tensor holding a copy of raw little-endian bytes (any buffer, read-only ones too)."""
+    out = torch.empty(shape, dtype=dtype_of(dtype))
+    dst = out.view(torch.uint8).numpy() if out.dim() else out.reshape(1).view(torch.uint8).numpy()
+    src = np.frombuffer(data, dtype=np.uint8)
+    if src.size != dst.size:
+        raise ValueError(f"{src.size} bytes do not fill a {dtype} tensor of shape {list(shape)}")
+    dst[...] = src.reshape(dst.shape)
+    return out
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported KV dtype {name!r}")
+    return _DTYPES[name]

@@ -36,13 +36,20 @@ from opentelemetry import trace
 
 from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
-from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
+from kvmesh_proto.v1 import common_pb2, transfer_pb2, worker_pb2
 from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.kv_transfer import KvExport
 from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
-from services.worker.kv_wire import DEFAULT_CHUNK_BLOCKS, ChunkAssembler, TransferError, export_to_chunks
+from services.worker.kv_wire import (
+    DEFAULT_CHUNK_BLOCKS,
+    ChunkAssembler,
+    TransferError,
+    WireChunk,
+    export_to_chunks,
+    pull_blocks,
+)
 from services.worker.request_trace import record_prefill_phases
 
 log = logging.getLogger(__name__)
@@ -114,7 +121,7 @@ async def _last_output(outputs: AsyncIterator, queue: asyncio.Queue) -> object:
 
 async def serve_prefill(
     engine: AsyncEngine, pull: transfer_pb2.PullBlocksRequest, prefill_chunk_tokens: int
-) -> AsyncIterator[transfer_pb2.KvBlockChunk]:
+) -> AsyncIterator[WireChunk]:
     """The prefill worker's side: compute prompt + first token, keep the blocks cached here,
     stream the blocks the decode worker lacks as each step finishes them."""
     request = pull.request
@@ -143,8 +150,10 @@ async def serve_prefill(
         released = True
         chunks = list(export_to_chunks(rest, rest.first_block, chunk_blocks, pull.transfer_id, request.request_id,
                                        sent))  # fmt: skip
-        final = chunks[-1] if chunks else transfer_pb2.KvBlockChunk(
-            transfer_id=pull.transfer_id, request_id=request.request_id, chunk_index=sent)  # fmt: skip
+        if not chunks:
+            chunks = [WireChunk(transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=request.request_id,
+                                                          chunk_index=sent))]  # fmt: skip
+        final = chunks[-1].header
         final.last = True
         final.num_tokens = rest.num_tokens
         final.cached_tokens = last.num_cached_tokens
@@ -153,7 +162,7 @@ async def serve_prefill(
             token_id=last.new_token_ids[0], logprob=lp.logprob if lp else 0.0,
             top_token_ids=lp.top_token_ids if lp else [], top_logprobs=lp.top_logprobs if lp else [],
         ))  # fmt: skip
-        for chunk in chunks or [final]:
+        for chunk in chunks:
             yield chunk
     finally:
         prefill.cancel()
@@ -176,11 +185,14 @@ async def pull_prefill(
                                           request=request, skip_blocks=skip_blocks,
                                           prefill_chunk_tokens=prefill_chunk_tokens)  # fmt: skip
     async with mesh_channel(prefill_address) as channel:
-        async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(pull, timeout=timeout_s,
-                                                                           metadata=outgoing_metadata()):
+        async for received in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
+            if received is None:  # gRPC logs a message decode_chunk refused and hands on None
+                raise TransferError(f"{request.request_id}: a message after block {assembler.next_block} "
+                                    "is not a KvBlockChunk")  # fmt: skip
+            chunk, data = received
             if first_chunk_at is None:
-                first_chunk_at, first_chunk_bytes = time.monotonic(), len(chunk.data)
-            assembler.add(chunk)
+                first_chunk_at, first_chunk_bytes = time.monotonic(), len(data)
+            assembler.add(chunk, data)
     last = assembler.last
     if last is None:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "prefill stream ended early")

@@ -4,36 +4,112 @@ put back together on the other side.
 Raw little-endian tensor bytes with dtype, shape and block positions beside them, never
 pickle: a receiver trusts nothing it cannot check, and a checksum mismatch or a shape that
 does not add up is refused before a single byte reaches its KV pool.
+
+Copies, because on CPU they (and the page faults of fresh buffers) are what a transfer costs:
+the sender gathers the tensor's rows straight into the gRPC message (``WireChunk.encode``), the
+receiver reads ``data`` as a view of gRPC's message bytes (``decode_chunk``) and copies it once
+into the tensor it imports (``ChunkAssembler.kv``). The bytes on the wire are plain
+``KvBlockChunk`` protobuf either way; each chunk is checksummed once, over its whole payload.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
+import grpc
+import numpy as np
 import torch
 import xxhash
+from google.protobuf.message import DecodeError
 
-from kvmesh_proto.v1 import transfer_pb2
-from services.engine.kv_transfer import KvExport, tensor_from_bytes, tensor_to_bytes
+from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
+from services.engine.kv_transfer import KvExport, dtype_of, tensor_pieces
 
 DEFAULT_CHUNK_BLOCKS = 8
+_SERVICE = transfer_pb2.DESCRIPTOR.services_by_name["KvTransfer"].full_name
+PULL_BLOCKS_METHOD = f"/{_SERVICE}/PullBlocks"
+_DATA_FIELD = transfer_pb2.KvBlockChunk.DESCRIPTOR.fields_by_name["data"].number
 
 
 class TransferError(ValueError):
     """A chunk stream that cannot be imported (corrupt, out of order, incomplete)."""
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
+
+
+# glibc malloc serves large blocks with fresh mmap()s and unmaps them when freed, so every
+# chunk-sized buffer (gRPC's message bytes, the encoded chunk, the reassembled KV) is new memory
+# whose first touch page-faults: on the shared VM that cost more than copying the bytes. Blocks
+# below this size come from the heap instead, and up to the trim size of freed heap is kept
+# for the next transfer (measured by bench/kv_transfer.py: ~1.6x on the in-process path).
+MALLOC_MMAP_THRESHOLD = 64 << 20
+MALLOC_TRIM_THRESHOLD = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_transfer_buffers() -> bool:
+    """Tune this process's allocator for KV transfers (see above); False where it is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+
+
+@dataclass
+class WireChunk:
+    """A ``KvBlockChunk`` on its way out: every field but ``data`` in ``header``; ``data`` as
+    views of the exported tensor's contiguous rows, gathered into the gRPC message by
+    ``encode`` in one copy (a ``bytes`` in the message would cost one copy to build it, one
+    to set it and one to serialize it)."""
+
+    header: transfer_pb2.KvBlockChunk
+    pieces: list[memoryview] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(piece.nbytes for piece in self.pieces)
+
+    def encode(self) -> bytes:
+        """The ``KvBlockChunk`` as protobuf wire bytes: header fields, then field ``data``."""
+        size = self.size
+        if not size:
+            return self.header.SerializeToString()
+        tag_and_length = _encode_varint(_DATA_FIELD << 3 | 2) + _encode_varint(size)
+        return b"".join([self.header.SerializeToString(), tag_and_length, *self.pieces])
+
+
+def encode_chunk(chunk: WireChunk | transfer_pb2.KvBlockChunk) -> bytes:
+    """gRPC response serializer for ``PullBlocks`` (a relay may pass plain messages on)."""
+    return chunk.encode() if isinstance(chunk, WireChunk) else chunk.SerializeToString()
+
+
+def add_transfer_servicer(servicer: transfer_pb2_grpc.KvTransferServicer, server: grpc.aio.Server) -> None:
+    """``add_KvTransferServicer_to_server`` with ``PullBlocks`` sending ``WireChunk``s."""
+    handlers = {
+        "PushBlocks": grpc.stream_unary_rpc_method_handler(
+            servicer.PushBlocks, request_deserializer=transfer_pb2.KvBlockChunk.FromString,
+            response_serializer=transfer_pb2.PushBlocksResponse.SerializeToString),
+        "PullBlocks": grpc.unary_stream_rpc_method_handler(
+            servicer.PullBlocks, request_deserializer=transfer_pb2.PullBlocksRequest.FromString,
+            response_serializer=encode_chunk),
+    }  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
 
 
 def export_to_chunks(
     export: KvExport, first_block: int, chunk_blocks: int, transfer_id: str, request_id: str, first_chunk_index: int = 0
-) -> Iterator[transfer_pb2.KvBlockChunk]:
+) -> Iterator[WireChunk]:
     """Blocks ``first_block..`` of the sequence (``export`` holds blocks ``export.first_block..``)
     as chunks of ``chunk_blocks`` blocks (all layers), numbered from ``first_chunk_index``.
 
-    The caller sets the last chunk's ``last``, ``num_tokens`` and ``first_token``.
+    The caller sets the last chunk's ``last``, ``num_tokens`` and ``first_token``. The chunks
+    view ``export.data``: it must not change until they are sent.
     """
     layers = export.data.shape[0]
     chunk_blocks = chunk_blocks or DEFAULT_CHUNK_BLOCKS
@@ -41,51 +117,154 @@ def export_to_chunks(
     for index, start in enumerate(range(first_block, end, chunk_blocks), start=first_chunk_index):
         stop = min(start + chunk_blocks, end)
         part = export.data[:, :, start - export.first_block : stop - export.first_block]
-        data = tensor_to_bytes(part)
-        yield transfer_pb2.KvBlockChunk(
+        pieces = tensor_pieces(part)
+        digest = xxhash.xxh3_64()  # the same value as xxh3_64 of the pieces joined, without joining them
+        for piece in pieces:
+            digest.update(piece)
+        yield WireChunk(transfer_pb2.KvBlockChunk(
             transfer_id=transfer_id, request_id=request_id, chunk_index=index, layer_start=0, layer_count=layers,
-            block_indices=range(start, stop), dtype=export.dtype, shape=list(part.shape), data=data,
+            block_indices=range(start, stop), dtype=export.dtype, shape=list(part.shape),
             block_hashes=export.block_hashes[start - export.first_block : stop - export.first_block],
-            checksum=checksum(data),
-        )  # fmt: skip
+            checksum=digest.intdigest(),
+        ), pieces)  # fmt: skip
+
+
+# The receiving side's own parse of ``KvBlockChunk`` (same bytes on the wire, any protobuf
+# encoder may have written them): the generated parser would copy ``data`` into the message
+# and again into every ``chunk.data`` read; here it stays a view into gRPC's message bytes.
+
+
+def pull_blocks(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
+    """``KvTransfer.PullBlocks`` on ``channel``, yielding ``decode_chunk``'s (chunk, data) pairs."""
+    return channel.unary_stream(PULL_BLOCKS_METHOD, request_serializer=transfer_pb2.PullBlocksRequest.SerializeToString,
+                                response_deserializer=decode_chunk)  # fmt: skip
+
+
+def decode_chunk(message: bytes) -> tuple[transfer_pb2.KvBlockChunk, memoryview]:
+    """gRPC response deserializer for ``PullBlocks``: the chunk without ``data`` (every other
+    field parsed by protobuf) and ``data`` as a zero-copy view of ``message``."""
+    view = memoryview(message)
+    data_spans: list[tuple[int, int, int]] = []  # (field start, bytes start, bytes end)
+    pos = 0
+    try:
+        while pos < len(message):
+            start = pos
+            key, pos = _varint(message, pos)
+            wire_type = key & 7
+            if wire_type == 0:
+                pos = _varint(message, pos)[1]
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                length, pos = _varint(message, pos)
+                if key >> 3 == _DATA_FIELD:
+                    data_spans.append((start, pos, pos + length))
+                pos += length
+            else:
+                raise DecodeError(f"unexpected wire type {wire_type}")
+    except IndexError:
+        pos = len(message) + 1
+    if pos != len(message):
+        raise DecodeError("truncated KvBlockChunk")
+    cuts = [0] + [edge for start, _, end in data_spans for edge in (start, end)] + [len(message)]
+    header_bytes = b"".join(view[a:b] for a, b in zip(cuts[::2], cuts[1::2], strict=True))
+    header = transfer_pb2.KvBlockChunk.FromString(header_bytes)
+    data = view[data_spans[-1][1] : data_spans[-1][2]] if data_spans else view[:0]  # the last one wins
+    return header, data
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
 
 class ChunkAssembler:
-    """Collects one transfer's chunks, checking each as it arrives."""
+    """Collects one transfer's chunks, checking each as it arrives.
+
+    A chunk's bytes are kept as they came off the wire (a view into the gRPC message, see
+    ``decode_chunk``) and copied once, by ``kv()``, into the tensor the engine imports: no
+    per-chunk tensor, no ``torch.cat``.
+    """
 
     def __init__(self, first_block: int) -> None:
         self.first_block = first_block
         self.next_block = first_block
-        self.parts: list[torch.Tensor] = []
+        self.parts: list[tuple[int, bytes | memoryview]] = []  # (blocks, their bytes)
+        self.shape: list[int] | None = None  # of the blocks received so far
+        self.dtype = ""
         self.block_hashes: list[int] = []
         self.bytes_received = 0
         self.last: transfer_pb2.KvBlockChunk | None = None
 
-    def add(self, chunk: transfer_pb2.KvBlockChunk) -> None:
-        if checksum(chunk.data) != chunk.checksum:
+    def add(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview | None = None) -> None:
+        """Check and keep ``chunk``; ``data`` stands for ``chunk.data`` when the bytes were
+        left out of the message object (``decode_chunk``)."""
+        if data is None:
+            data = chunk.data
+        if checksum(data) != chunk.checksum:
             raise TransferError(f"chunk {chunk.chunk_index} of {chunk.request_id}: checksum mismatch")
         indices = list(chunk.block_indices)
         if indices and indices != list(range(self.next_block, self.next_block + len(indices))):
             raise TransferError(f"chunk {chunk.chunk_index}: blocks {indices[:3]}… out of order "
                                 f"(expected {self.next_block})")  # fmt: skip
         if indices:
-            shape = list(chunk.shape)
-            if len(shape) != 6 or shape[2] != len(indices):
-                raise TransferError(f"chunk {chunk.chunk_index}: shape {shape} does not match {len(indices)} blocks")
-            try:
-                self.parts.append(tensor_from_bytes(chunk.data, chunk.dtype, shape))
-            except (ValueError, RuntimeError) as exc:
-                raise TransferError(f"chunk {chunk.chunk_index}: {exc}") from exc
+            self._check_layout(chunk, len(indices), len(data))
+            self.parts.append((len(indices), data))
             self.block_hashes += list(chunk.block_hashes)
             self.next_block += len(indices)
-        self.bytes_received += len(chunk.data)
+        self.bytes_received += len(data)
         if chunk.last:
             self.last = chunk
+
+    def _check_layout(self, chunk: transfer_pb2.KvBlockChunk, blocks: int, size: int) -> None:
+        """Shape, dtype and size agree with the block count and with the chunks before."""
+        shape = list(chunk.shape)
+        if len(shape) != 6 or shape[2] != blocks:
+            raise TransferError(f"chunk {chunk.chunk_index}: shape {shape} does not match {blocks} blocks")
+        try:
+            itemsize = torch.empty(0, dtype=dtype_of(chunk.dtype)).element_size()
+        except ValueError as exc:
+            raise TransferError(f"chunk {chunk.chunk_index}: {exc}") from exc
+        if size != math.prod(shape) * itemsize:
+            raise TransferError(f"chunk {chunk.chunk_index}: {size} bytes do not fill {chunk.dtype} {shape}")
+        if self.shape is None:
+            self.shape, self.dtype = shape, chunk.dtype
+        elif shape[:2] + shape[3:] != self.shape[:2] + self.shape[3:] or chunk.dtype != self.dtype:
+            raise TransferError(f"chunk {chunk.chunk_index}: {chunk.dtype} {shape} does not match the chunks "
+                                f"before ({self.dtype} {self.shape})")  # fmt: skip
+        else:
+            self.shape[2] += blocks
 
     def kv(self, token_ids: list[int]) -> KvExport:
         """The received blocks as an export of blocks ``first_block..`` of ``token_ids``."""
         if self.last is None:
             raise TransferError("the transfer ended before its last chunk")
         num_tokens = self.last.num_tokens
-        data = torch.cat(self.parts, dim=2) if self.parts else torch.empty(0)
+        data = torch.empty(0)
+        if self.shape is not None:
+            data = torch.empty(self.shape, dtype=dtype_of(self.dtype))
+            # [layers * 2, blocks * block bytes]: each chunk fills a column band, one
+            # contiguous run of bytes per (layer, K/V) row.
+            rows = data.view(torch.uint8).numpy().reshape(self.shape[0] * self.shape[1], -1)
+            block_bytes = rows.shape[1] // self.shape[2]
+            start = 0
+            for blocks, part in self.parts:
+                band = rows[:, start * block_bytes : (start + blocks) * block_bytes]
+                band[...] = np.frombuffer(part, dtype=np.uint8).reshape(band.shape)
+                start += blocks
         return KvExport(list(token_ids[:num_tokens]), num_tokens, self.block_hashes, data, self.first_block)

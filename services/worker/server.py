@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from kvmesh.config import WorkerSettings, load_settings
 from kvmesh.grpc_service import ServiceProcess
 from kvmesh.logging_setup import setup_logging
-from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from kvmesh_proto.v1 import transfer_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.config import DEFAULT_MODEL, EngineConfig
 from services.engine.llm_engine import Engine
 from services.worker import metrics
 from services.worker.kv_publisher import KvEventPublisher
+from services.worker.kv_wire import add_transfer_servicer, keep_transfer_buffers
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
 
@@ -49,6 +50,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 
 async def serve(settings: WorkerSettings) -> None:
+    keep_transfer_buffers()
     engine = await asyncio.to_thread(build_engine, settings)
     async_engine = AsyncEngine(engine)
     process = ServiceProcess(settings, SERVICE_NAMES)
@@ -56,7 +58,7 @@ async def serve(settings: WorkerSettings) -> None:
                               settings.transfer_timeout_s, settings.max_waiting_requests)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
     transfer = KvTransferServicer(async_engine, settings.prefill_chunk_tokens)
-    transfer_pb2_grpc.add_KvTransferServicer_to_server(transfer, process.server)
+    add_transfer_servicer(transfer, process.server)
     publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,
                                  settings.event_flush_ms)  # fmt: skip
     engine.set_kv_event_callback(publisher.on_engine_events)

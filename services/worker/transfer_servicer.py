@@ -13,6 +13,7 @@ from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.worker.disagg import serve_prefill
 from services.worker.errors import engine_errors_as_status
+from services.worker.kv_wire import WireChunk
 from services.worker.metrics import observe_transfer
 
 
@@ -23,7 +24,7 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
 
     async def PullBlocks(
         self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[transfer_pb2.KvBlockChunk]:
+    ) -> AsyncIterator[WireChunk]:
         if not request.HasField("request"):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 "pulling cached blocks without a request to prefill is not built yet")  # fmt: skip
@@ -36,5 +37,6 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
         with trace.use_span(span, end_on_exit=True):
             async with engine_errors_as_status(context):
                 async for chunk in serve_prefill(self.engine, request, self.prefill_chunk_tokens):
-                    observe_transfer("sent", len(chunk.data), len(chunk.block_indices) if not chunk.layer_start else 0)
+                    observe_transfer("sent", chunk.size,
+                                     len(chunk.header.block_indices) if not chunk.header.layer_start else 0)
                     yield chunk

@@ -19,6 +19,7 @@ from kvmesh.grpc_service import mesh_channel
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.engine import Engine, EngineConfig, SamplingParams
 from services.engine.async_engine import AsyncEngine
+from services.worker.kv_wire import add_transfer_servicer
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
 
@@ -90,7 +91,7 @@ async def serve(add: object, servicer: object) -> tuple[grpc.aio.Server, str]:
 @pytest.fixture
 async def workers(prefill_engine: AsyncEngine, decode_engine: AsyncEngine) -> AsyncIterator[Workers]:
     # 64-token prefill steps: a ~200-token prompt streams as several chunks, so faults land mid-transfer.
-    prefill, prefill_address = await serve(transfer_pb2_grpc.add_KvTransferServicer_to_server,
+    prefill, prefill_address = await serve(add_transfer_servicer,
                                            KvTransferServicer(prefill_engine, prefill_chunk_tokens=64))  # fmt: skip
     proxy = TamperingProxy(prefill_address)
     proxy_server, proxy_address = await serve(transfer_pb2_grpc.add_KvTransferServicer_to_server, proxy)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 
+from kvmesh_proto.v1 import transfer_pb2, worker_pb2
 from services.engine.kv_transfer import KvExport
-from services.worker.kv_wire import ChunkAssembler, TransferError, export_to_chunks
+from services.worker.disagg import pull_prefill
+from services.worker.kv_wire import (
+    ChunkAssembler,
+    TransferError,
+    WireChunk,
+    decode_chunk,
+    encode_chunk,
+    export_to_chunks,
+)
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 3, 7, 16, 2, 8
 
@@ -17,10 +28,11 @@ def sample_export(dtype: torch.dtype = torch.bfloat16) -> KvExport:
     return KvExport(tokens, len(tokens), [1000 + i for i in range(BLOCKS - 1)] + [0], data)
 
 
-def finish(chunks: list, export: KvExport) -> list:
-    chunks[-1].last = True
-    chunks[-1].num_tokens = export.num_tokens
-    return chunks
+def finish(chunks: list[WireChunk], export: KvExport) -> list[tuple[transfer_pb2.KvBlockChunk, memoryview]]:
+    """The chunks as the receiver gets them: encoded by the sender, decoded off the wire."""
+    chunks[-1].header.last = True
+    chunks[-1].header.num_tokens = export.num_tokens
+    return [decode_chunk(encode_chunk(chunk)) for chunk in chunks]
 
 
 @pytest.mark.parametrize("first_block", [0, 3])
@@ -30,7 +42,7 @@ def test_chunks_reassemble_bit_exactly_from_any_first_block(first_block):
     assert len(chunks) == -(-(BLOCKS - first_block) // 2)
     assembler = ChunkAssembler(first_block)
     for chunk in chunks:
-        assembler.add(chunk)
+        assembler.add(*chunk)
     kv = assembler.kv(export.token_ids)
     assert torch.equal(kv.data.view(torch.uint8), export.data[:, :, first_block:].contiguous().view(torch.uint8))
     assert kv.block_hashes == export.block_hashes[first_block:]
@@ -40,19 +52,61 @@ def test_chunks_reassemble_bit_exactly_from_any_first_block(first_block):
 def test_a_corrupted_chunk_is_refused():
     export = sample_export()
     chunks = finish(list(export_to_chunks(export, 0, 4, "t1", "r1")), export)
-    chunks[1].data = bytes([chunks[1].data[0] ^ 0xFF]) + chunks[1].data[1:]
+    header, data = chunks[1]
     assembler = ChunkAssembler(0)
-    assembler.add(chunks[0])
+    assembler.add(*chunks[0])
     with pytest.raises(TransferError, match="checksum"):
-        assembler.add(chunks[1])
+        assembler.add(header, bytes([data[0] ^ 0xFF]) + bytes(data[1:]))
 
 
 def test_out_of_order_and_incomplete_transfers_are_refused():
     export = sample_export()
     chunks = finish(list(export_to_chunks(export, 0, 2, "t1", "r1")), export)
     with pytest.raises(TransferError, match="out of order"):
-        ChunkAssembler(0).add(chunks[1])
+        ChunkAssembler(0).add(*chunks[1])
     partial = ChunkAssembler(0)
-    partial.add(chunks[0])
+    partial.add(*chunks[0])
     with pytest.raises(TransferError, match="before its last chunk"):
         partial.kv(export.token_ids)
+
+
+def test_the_wire_bytes_are_plain_protobuf_both_ways():
+    """The sender's one-copy encoding parses with the generated parser into the same message,
+    and the receiver's zero-copy decoding reads what any protobuf encoder wrote."""
+    export = sample_export()
+    (chunk,) = export_to_chunks(export, 0, BLOCKS, "t1", "r1")
+    chunk.header.last = True
+    parsed = transfer_pb2.KvBlockChunk.FromString(encode_chunk(chunk))
+    assert parsed.data == export.data.contiguous().view(torch.uint8).numpy().tobytes()
+    assert parsed.checksum == chunk.header.checksum and parsed.last and list(parsed.shape) == list(export.data.shape)
+    header, data = decode_chunk(parsed.SerializeToString())
+    assert bytes(data) == parsed.data and not header.data
+    header.data = parsed.data
+    assert header == parsed
+
+
+def test_a_truncated_message_is_refused():
+    message = encode_chunk(next(export_to_chunks(sample_export(), 0, 2, "t1", "r1")))
+    with pytest.raises(DecodeError):
+        decode_chunk(message[:-1])
+
+
+async def test_a_message_that_is_not_a_chunk_fails_the_pull_as_a_transfer_error():
+    """gRPC hands on None for a message its deserializer refused; the pull must not crash on
+    it but fail the way a corrupt chunk does (retried elsewhere, then prefilled locally)."""
+    message = encode_chunk(next(export_to_chunks(sample_export(), 0, 2, "t1", "r1")))
+
+    async def stream(request: bytes, context: grpc.aio.ServicerContext):
+        yield message[:-1]
+
+    server = grpc.aio.server()
+    handler = grpc.unary_stream_rpc_method_handler(stream)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvmesh.v1.KvTransfer",
+                                                                          {"PullBlocks": handler}),))  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        with pytest.raises(TransferError, match="not a KvBlockChunk"):
+            await pull_prefill(f"127.0.0.1:{port}", worker_pb2.WorkerGenerateRequest(request_id="r1"), 0, 10)
+    finally:
+        await server.stop(0)
