@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.replay import load_trace, run_replay
+from services.engine.timing_model import DEFAULT_PROFILE
 
 TARGET_WORKERS = 16
 
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speedup", type=float, default=1.0)
     parser.add_argument("--limit", type=int, default=0, help="replay only the first N requests")
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="cap on each request's output length")
-    parser.add_argument("--profile", default="cpu-smollm2", help="mock timing profile (name or path)")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="mock timing profile (name or path)")
     parser.add_argument("--kv-cache-blocks", type=int, default=0, help="KV blocks per mock worker; 0 = default")
     parser.add_argument("--worker-env", action="append", default=[], metavar="KVMESH_X=V",
                         help="extra worker setting, e.g. KVMESH_EVENT_FLUSH_MS=100 (repeatable)")

@@ -76,7 +76,8 @@ def mesh_token() -> str:
     return _process.mesh_token
 
 
-def _metadata_value(metadata: Any, key: str) -> str:
+def metadata_value(metadata: Any, key: str) -> str:
+    """One gRPC metadata value as text ("" when absent)."""
     for k, v in metadata or ():
         if k == key:
             return v if isinstance(v, str) else v.decode(errors="replace")
@@ -93,7 +94,7 @@ async def check_mesh_peer(context: grpc.aio.ServicerContext) -> None:
                                 f"only mesh services may call this; certificate names {names!r}")  # fmt: skip
         return
     token = mesh_token()
-    offered = _metadata_value(context.invocation_metadata(), MESH_TOKEN_HEADER)
+    offered = metadata_value(context.invocation_metadata(), MESH_TOKEN_HEADER)
     if token and not hmac.compare_digest(offered.encode(), token.encode()):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "a valid mesh token is required")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvmesh.config import RouterSettings
+from kvmesh.tls import metadata_value
 from router.errors import RouterError, exhausted
 
 _BEARER = "bearer "
@@ -89,7 +90,4 @@ class FrontDoorAuth:
 
 def grpc_authorization(context: grpc.aio.ServicerContext) -> str | None:
     """The ``authorization`` metadata value of a gRPC call, if any."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value if isinstance(value, str) else value.decode(errors="replace")
-    return None
+    return metadata_value(context.invocation_metadata(), "authorization") or None

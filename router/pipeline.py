@@ -26,7 +26,7 @@ from router.auth import FrontDoorAuth
 from router.errors import RouterError, exhausted, invalid
 from router.kv_index import KvIndexClient
 from router.migration import MIGRATABLE, Attempt, Resume, continuation_request
-from router.request_limits import check_request_limits
+from router.request_limits import check_input_limits, check_max_tokens
 from router.request_trace import RecentRequests, RouterRequestTrace
 from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv, rank_by_cost
 from router.text_stream import TextStream
@@ -101,7 +101,6 @@ class Generation:
         self.prompt_token_ids = prompt_token_ids
         self.route = route
         self.cached_tokens = attempt.first.cached_tokens
-        self.completion_tokens = 0
         self.output_token_ids: list[int] = []
         self.finish_reason = ""
         self.migrations = 0
@@ -123,6 +122,10 @@ class Generation:
     @property
     def worker_id(self) -> str:
         return self.worker.worker_id
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_token_ids)
 
     def usage(self) -> common_pb2.Usage:
         return common_pb2.Usage(
@@ -167,7 +170,6 @@ class Generation:
         try:
             async for response in self._responses():
                 token_ids = list(response.token_ids)
-                self.completion_tokens += len(token_ids)
                 self.output_token_ids += token_ids
                 self._track_blocks()
                 delta = self.trace.detokenize(self._text.push, token_ids)
@@ -318,18 +320,18 @@ class RouterCore:
         return generation
 
     async def _open(self, request: GenerationInput, trace: RouterRequestTrace) -> Generation:
-        check_request_limits(self.settings, request.messages, request.token_ids, 0)
+        check_input_limits(self.settings, request.messages, request.token_ids)
         info = self.resolve_model(request.model)
         with trace.phase("tokenize"):
             prompt, tokenizer = await self.tokenize(request, info)
         sampling = self._checked_sampling(request.sampling, len(prompt), info)
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
-        hashes = block_hashes(prompt, info.block_size or 16)
+        block_size = info.block_size or 16
+        hashes = block_hashes(prompt, block_size)
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id, model=info.model, token_ids=prompt, sampling=sampling
         )
         deadline = time.monotonic() + (request.timeout_s or self.settings.request_timeout_s)
-        block_size = info.block_size or 16
         route, attempt = await self._start(info, worker_request, hashes, request.timeout_s, set(), trace)
         trace.first_response(attempt.first)
 
@@ -426,7 +428,7 @@ class RouterCore:
                 f"max_tokens {checked.max_tokens} + prompt {prompt_len} tokens exceeds the context of {context}",
                 "max_tokens",
             )
-        check_request_limits(self.settings, None, None, checked.max_tokens)
+        check_max_tokens(self.settings, checked.max_tokens)
         _check_sampling_ranges(checked)
         return checked
 

@@ -32,15 +32,18 @@ def _too_large(size: int, max_bytes: int) -> RouterError:
                        http_status_code=413)  # fmt: skip
 
 
-def check_request_limits(settings: RouterSettings, messages: list | None, token_ids: list | None,
-                         max_tokens: int) -> None:  # fmt: skip
-    """Message count, pre-tokenized prompt length and max_tokens against the router's limits
-    (max_tokens is checked after the model's context, whose message is the more useful one)."""
+def check_input_limits(settings: RouterSettings, messages: list | None, token_ids: list | None) -> None:
+    """Message count and pre-tokenized prompt length against the router's limits."""
     if messages is not None and len(messages) > settings.max_messages:
         raise invalid(f"{len(messages)} messages; at most {settings.max_messages} are accepted", "messages")
     if token_ids is not None and len(token_ids) > settings.max_prompt_tokens:
         raise invalid(f"the prompt has {len(token_ids)} tokens; at most {settings.max_prompt_tokens} are accepted",
                       "prompt")  # fmt: skip
+
+
+def check_max_tokens(settings: RouterSettings, max_tokens: int) -> None:
+    """max_tokens against the router's limit (checked after the model's context, whose message
+    is the more useful one)."""
     if max_tokens > settings.max_output_tokens:
         raise invalid(f"max_tokens {max_tokens} is above this router's limit of {settings.max_output_tokens}",
                       "max_tokens")  # fmt: skip

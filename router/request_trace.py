@@ -95,6 +95,7 @@ class RouterRequestTrace:
         self._first_s = self._last_s = 0.0
         self._detokenize_s = 0.0
         self._finished = False
+        self._itl = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[Span]:
@@ -106,6 +107,7 @@ class RouterRequestTrace:
 
     def routed(self, span: Span, route: RouteInfo, prompt_tokens: int) -> None:
         self.route = route
+        self._itl = metrics.ITL.labels(route.mode)  # looked up once, observed on every chunk
         self.record.prompt_tokens = prompt_tokens
         ratio = route.prefix_overlap / route.prompt_blocks if route.prompt_blocks else 0.0
         metrics.ROUTING_DECISIONS.labels(route.mode, route.worker_id).inc()
@@ -133,7 +135,7 @@ class RouterRequestTrace:
         now = time.perf_counter()
         if self.record.output_tokens:
             gap = now - self._last_s
-            metrics.ITL.labels(self.route.mode if self.route else "none").observe(gap)
+            (self._itl or metrics.ITL.labels("none")).observe(gap)
             self.recent.itl_s.append(gap)
         self._last_s = now
         self.record.output_tokens += len(token_ids)

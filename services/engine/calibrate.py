@@ -23,7 +23,15 @@ from services.engine.llm_engine import Engine
 from services.engine.loader import load_model_config
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import ScheduledItem
-from services.engine.timing_model import PROFILES_DIR, StepShape, TimingProfile, fit_coefficients, step_shape
+from services.engine.timing_model import (
+    DEFAULT_PROFILE,
+    PROFILES_DIR,
+    StepShape,
+    TimingProfile,
+    fit_coefficients,
+    prefill_pairs,
+    step_shape,
+)
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,9 @@ def gpu_report_profile(name: str, report: Path, model: str) -> TimingProfile:
     timings = data["models"].get(model)
     if timings is None:
         raise ValueError(f"{report} has no timings of {model}; it has {', '.join(data['models'])}")
-    samples = [(StepShape(prefill_tokens=p["new_tokens"], prefill_attention=p["new_tokens"] * p["cached_tokens"]
-                          + p["new_tokens"] * (p["new_tokens"] + 1) // 2), p["ttft_ms"] / 1e3)
+    samples = [(StepShape(prefill_tokens=p["new_tokens"], prefill_attention=prefill_pairs(p["new_tokens"],
+                                                                                           p["cached_tokens"])),
+                p["ttft_ms"] / 1e3)
                for p in timings["prefill"]]  # fmt: skip
     samples += [(StepShape(decode_seqs=d["batch"], decode_context=round(d["batch"] * (d["mean_context"] + 1))),
                  d["step_ms"] / 1e3) for d in timings["decode"]]  # fmt: skip
@@ -166,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", help="as the worker runs it (default bfloat16)")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every shape")
-    parser.add_argument("--name", default="cpu-smollm2", help="profile name (and file name under --out-dir)")
+    parser.add_argument("--name", default=DEFAULT_PROFILE, help="profile name (and file name under --out-dir)")
     parser.add_argument("--out", type=Path, default=None, help=f"profile path; default {PROFILES_DIR}/NAME.json")
     parser.add_argument("--roofline", action="store_true", help="derive from peak figures instead of measuring")
     parser.add_argument("--memory-tb-s", type=float, default=3.02, help="roofline: memory copy bandwidth (H100)")

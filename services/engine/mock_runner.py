@@ -34,7 +34,6 @@ class MockRunner:
         self.profile = profile
         # One number per block: KV export/import between mock workers moves block ids, not KV.
         self.kv_cache = torch.zeros(1, 2, num_blocks, 1, 1, 1)
-        self.busy_s = 0.0
         # Reused step to step: filling a fresh [rows, vocab] tensor every step would cost more
         # CPU than the rest of a mock step, and dozens of mock workers share a few cores.
         self._logits = torch.full((0, cfg.vocab_size), float("-inf"))
@@ -78,5 +77,4 @@ class MockRunner:
         remaining = duration - (time.perf_counter() - start)
         if remaining > 0:
             time.sleep(remaining)
-        self.busy_s += duration
         return sample_seqs, logits

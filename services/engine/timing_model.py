@@ -45,6 +45,11 @@ class StepShape:
         return [1.0, self.decode_seqs, self.decode_context, self.prefill_tokens, self.prefill_attention]
 
 
+def prefill_pairs(new_tokens: int, cached_tokens: int) -> int:
+    """Attention (query, key) pairs of a causal prefill of ``new_tokens`` after ``cached_tokens``."""
+    return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
+
+
 def step_shape(items: Sequence[ScheduledItem]) -> StepShape:
     """The shape of a scheduled batch (read before the step advances ``num_computed_tokens``)."""
     decode_seqs = decode_context = prefill_tokens = prefill_attention = 0
@@ -55,7 +60,7 @@ def step_shape(items: Sequence[ScheduledItem]) -> StepShape:
             decode_context += start + 1
         else:
             prefill_tokens += n
-            prefill_attention += n * start + n * (n + 1) // 2
+            prefill_attention += prefill_pairs(n, start)
     return StepShape(decode_seqs, decode_context, prefill_tokens, prefill_attention)
 
 

@@ -50,6 +50,7 @@ from services.worker.kv_wire import (
     export_to_chunks,
     pull_blocks,
 )
+from services.worker.metrics import TRANSFER_FALLBACKS
 from services.worker.request_trace import record_prefill_phases
 
 log = logging.getLogger(__name__)
@@ -71,18 +72,10 @@ class PulledPrefill:
 
 @dataclasses.dataclass
 class TransferStats:
-    """Decode-side totals, for stats and metrics."""
+    """Decode-side counts of pulls retried elsewhere and of local-prefill fallbacks."""
 
-    transfers: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
     retries: int = 0
     fallbacks: int = 0
-
-    def record(self, pulled: PulledPrefill) -> None:
-        self.transfers += 1
-        self.bytes += pulled.assembler.bytes_received
-        self.seconds += pulled.seconds
 
 
 class FinishedBlocks:
@@ -96,7 +89,9 @@ class FinishedBlocks:
         self.loop = asyncio.get_running_loop()
 
     def __call__(self, engine: Engine) -> None:
-        if self.request_id not in engine.requests:
+        seq = engine.requests.get(self.request_id)
+        # Runs after every engine step: no export (and on a GPU no device sync) until a block filled.
+        if seq is None or seq.num_computed_tokens // engine.config.block_size <= self.next_block:
             return
         export = engine.export_kv(self.request_id, release=False, first_block=self.next_block,
                                   full_blocks_only=True)  # fmt: skip
@@ -221,4 +216,5 @@ async def pull_with_retries(
             log.warning("remote prefill of %s via %s failed (%s); %s", request.request_id, address, exc, action)
             stats.retries += bool(pending)
     stats.fallbacks += 1
+    TRANSFER_FALLBACKS.inc()
     return None

@@ -237,7 +237,7 @@ class ChunkAssembler:
         if len(shape) != 6 or shape[2] != blocks:
             raise TransferError(f"chunk {chunk.chunk_index}: shape {shape} does not match {blocks} blocks")
         try:
-            itemsize = torch.empty(0, dtype=dtype_of(chunk.dtype)).element_size()
+            itemsize = dtype_of(chunk.dtype).itemsize
         except ValueError as exc:
             raise TransferError(f"chunk {chunk.chunk_index}: {exc}") from exc
         if size != math.prod(shape) * itemsize:

@@ -22,7 +22,7 @@ from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
 from services.worker.disagg import TransferStats, pull_with_retries
 from services.worker.errors import engine_errors_as_status
-from services.worker.metrics import TRANSFER_FALLBACKS, observe_stats
+from services.worker.metrics import observe_stats
 from services.worker.request_trace import WorkerRequestTrace
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.next_block - skip,
                                   pulled.seconds, pulled.transfer_seconds)  # fmt: skip
         if pulled is None:
-            TRANSFER_FALLBACKS.inc()
             trace.path = "fallback"
             async for response in self._local_outputs(request, sampling, started):
                 yield response
             return
-        self.transfers.record(pulled)
         received = pulled.assembler
         log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were already "
                  "here", received.next_block - skip, received.bytes_received, request.request_id,

@@ -9,7 +9,7 @@ from kvmesh.config import RouterSettings
 from router.admission import InflightLimit
 from router.auth import FrontDoorAuth
 from router.errors import RouterError, retry_after_header
-from router.request_limits import check_request_limits
+from router.request_limits import check_input_limits, check_max_tokens
 
 
 class FakeClock:
@@ -79,9 +79,11 @@ def test_inflight_limit_refuses_beyond_the_bound_and_release_is_idempotent():
 
 def test_request_limits_name_the_limit():
     settings = RouterSettings(max_messages=2, max_prompt_tokens=3, max_output_tokens=10)
-    check_request_limits(settings, [{}, {}], [1, 2, 3], 10)
-    for messages, tokens, max_tokens, param in [([{}] * 3, None, 0, "messages"), (None, [1] * 4, 0, "prompt"),
-                                                (None, None, 11, "max_tokens")]:  # fmt: skip
+    check_input_limits(settings, [{}, {}], [1, 2, 3])
+    check_max_tokens(settings, 10)
+    for check, param in [(lambda: check_input_limits(settings, [{}] * 3, None), "messages"),
+                         (lambda: check_input_limits(settings, None, [1] * 4), "prompt"),
+                         (lambda: check_max_tokens(settings, 11), "max_tokens")]:  # fmt: skip
         with pytest.raises(RouterError) as err:
-            check_request_limits(settings, messages, tokens, max_tokens)
+            check()
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.param == param
