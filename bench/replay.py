@@ -150,13 +150,18 @@ async def replay(address: str, requests: list[TraceRequest], prompts: list[list[
         return list(results), time.perf_counter() - start
 
 
-async def worker_busy_ms(etcd_endpoint: str, namespace: str) -> dict[str, int]:
-    """Each live worker's cumulative busy time (its first Stats report)."""
+async def live_workers(etcd_endpoint: str, namespace: str) -> dict[str, common_pb2.InstanceInfo]:
+    """The live workers as registered in etcd, by instance id."""
     discovery = Discovery(etcd_endpoint, namespace)
     try:
-        workers = await discovery.list("worker")
+        return await discovery.list("worker")
     finally:
         await discovery.close()
+
+
+async def worker_busy_ms(etcd_endpoint: str, namespace: str) -> dict[str, int]:
+    """Each live worker's cumulative busy time (its first Stats report)."""
+    workers = await live_workers(etcd_endpoint, namespace)
 
     async def one(address: str) -> int:
         async with grpc.aio.insecure_channel(address) as channel:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import redis.asyncio as aioredis
 
-from bench.registry import MODEL, build_workload, ingest, make_queries, worker_batches
+from bench.registry import MODEL, build_workload, ingest, make_queries, percentile, worker_batches
 from kvmesh.config import RouterSettings
 from kvmesh.discovery import Discovery
 from kvmesh.hashing import block_hashes
@@ -104,7 +104,7 @@ async def measure(args: argparse.Namespace, stack: LocalStack) -> dict:
     return {
         "workers": args.workers, "indexed_blocks": stats.blocks, "load_average_1m": os.getloadavg()[0],
         "fill_blocks_per_s": fill_rate, "prompt_tokens": args.prompt_tokens, "queries": len(latencies),
-        "decision_ms": {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
+        "decision_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
                         "mean": statistics.fmean(latencies)},
         "decisions_per_s": throughput, "concurrency": args.concurrency,
         # CPU time per sequential decision in each process: what the latency would be on idle

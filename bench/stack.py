@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.discovery import Discovery
+from bench.replay import live_workers
 from kvmesh.launcher import LocalStack, StackOptions
 from kvmesh.local_stores import free_port
 from kvmesh_proto.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -70,11 +70,7 @@ class BenchStack:
 
     async def live_workers(self) -> dict[str, common_pb2.InstanceInfo]:
         """The live workers as registered in etcd, by instance id."""
-        discovery = Discovery(self.stack.etcd_endpoint, self.namespace)
-        try:
-            return await discovery.list("worker")
-        finally:
-            await discovery.close()
+        return await live_workers(self.stack.etcd_endpoint, self.namespace)
 
     async def worker_info(self, role: str, timeout_s: float = 60.0) -> common_pb2.InstanceInfo:
         """A live worker of ``role``; waits while none is registered (on a loaded machine a
