@@ -66,11 +66,16 @@ async def measure(args: argparse.Namespace, stack: LocalStack) -> dict:
     fill_rate = await ingest(registry, [worker_batches(workload, w, 64) for w in range(args.workers)])
     stats = await registry.stats()
     discovery = Discovery(stack.etcd_endpoint, stack.options.namespace)
-    kv_index = KvIndexClient(discovery, timeout_ms=1000)
+    follow = args.kv_index == "follow"
+    kv_index = KvIndexClient(discovery, timeout_ms=1000, follow=follow)
+    snapshot_start = time.perf_counter()
     await kv_index.start()
-    while not kv_index._kvstores.instances:  # the kvstore registers once it is up
-        await asyncio.sleep(0.1)
-    core = RouterCore(RouterSettings(namespace=stack.options.namespace), fake_pool(discovery, args.workers), kv_index)
+    # The kvstore registers once it is up; a following router then reads its snapshot.
+    while not (kv_index.following if follow else kv_index._kvstores.instances):
+        await asyncio.sleep(0.05)
+    snapshot_s = time.perf_counter() - snapshot_start
+    settings = RouterSettings(namespace=stack.options.namespace, kv_index=args.kv_index)
+    core = RouterCore(settings, fake_pool(discovery, args.workers), kv_index)
     info = common_pb2.InstanceInfo(model=MODEL, block_size=16)
     chains = make_queries(rng, workload, args.queries)
     tokens = [rng.integers(1000, 40000, args.prompt_tokens).tolist() for _ in range(8)]
@@ -102,7 +107,8 @@ async def measure(args: argparse.Namespace, stack: LocalStack) -> dict:
     await kv_index.stop()
     await discovery.close()
     return {
-        "workers": args.workers, "indexed_blocks": stats.blocks, "load_average_1m": os.getloadavg()[0],
+        "workers": args.workers, "indexed_blocks": stats.blocks, "kv_index": args.kv_index,
+        "snapshot_s": snapshot_s if follow else None, "router_rss_mb": _rss_mb(), "load_average_1m": os.getloadavg()[0],
         "fill_blocks_per_s": fill_rate, "prompt_tokens": args.prompt_tokens, "queries": len(latencies),
         "decision_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
                         "mean": statistics.fmean(latencies)},
@@ -111,6 +117,12 @@ async def measure(args: argparse.Namespace, stack: LocalStack) -> dict:
         # cores (less the loopback hops), whatever the shared machine's load.
         "cpu_ms_per_decision": cpu_ms,
     }  # fmt: skip
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def cpu_seconds(stack: LocalStack) -> dict[str, float]:
@@ -145,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-index", choices=("follow", "query"), default="follow",
+                        help="follow: the router's own copy of the index; query: FindMatches per decision")
     parser.add_argument("--profile", type=Path, default=None, help="write a CPU-time profile here")
     parser.add_argument("--json", type=Path, default=Path("bench/results/router_scale.json"))
     return parser
@@ -162,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stack.stop()
     d = result["decision_ms"]
-    print(f"{result['workers']} workers, {args.blocks:,} indexed blocks, {args.prompt_tokens}-token prompts: "
+    print(f"kv index {args.kv_index}: {result['workers']} workers, {args.blocks:,} indexed blocks, "
+          f"{args.prompt_tokens}-token prompts: "
           f"decision p50 {d['p50']:.3f} ms p99 {d['p99']:.3f} ms; {result['decisions_per_s']:.0f} decisions/s "
           f"at concurrency {args.concurrency} (one process); CPU ms per decision: "
           + ", ".join(f"{k} {v:.3f}" for k, v in result["cpu_ms_per_decision"].items()))

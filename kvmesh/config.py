@@ -163,6 +163,11 @@ class RouterSettings(ServiceSettings):
     kvstore_timeout_ms: int = dataclasses.field(
         default=200, metadata=_help("FindMatches deadline; past it the request is routed on load alone")
     )
+    kv_index: str = dataclasses.field(
+        default="follow",
+        metadata=_help("follow: match prefixes in a local copy of the index fed by the kvstore's change "
+                       "stream; query: ask the kvstore (FindMatches) on every request"),
+    )  # fmt: skip
     max_prompt_bytes: int = dataclasses.field(default=4 * 1024 * 1024, metadata=_help("largest prompt accepted"))
     max_local_prefill_tokens: int = dataclasses.field(
         default=256, metadata=_help("disaggregated: a decode worker prefills locally below this many uncached tokens")
@@ -195,6 +200,8 @@ class RouterSettings(ServiceSettings):
         super().__post_init__()
         if self.router_mode not in ROUTER_MODES:
             raise ValueError(f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {self.router_mode!r}")
+        if self.kv_index not in ("follow", "query"):
+            raise ValueError(f"kv_index must be follow or query, got {self.kv_index!r}")
         if self.overlap_weight < 0 or self.router_temperature < 0:
             raise ValueError("overlap_weight and router_temperature must be >= 0")
         if self.api_key_rate_limit < 0 or self.api_key_burst < 0 or self.max_inflight_requests < 0:

@@ -19,12 +19,12 @@ and Redis Cluster would not; the index is meant for one Redis (or a replicated p
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from kvmesh_proto.v1.kvstore_pb2 import KvEventBatch, PublishAck
+from kvmesh_proto.v1.kvstore_pb2 import AllCleared, BlockStored, KvEvent, KvEventBatch, PublishAck
 from kvstore.validation import InvalidInput, ModelMismatch, check_batch, check_query, check_worker_id
 
 _LUA_COMMON = """
@@ -230,8 +230,14 @@ class RegistryStats:
 class BlockRegistry:
     """Which worker holds which KV block, for one namespace of one Redis."""
 
-    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, namespace: str, on_change: Callable[[KvEventBatch], None] | None = None
+    ) -> None:
+        """``on_change`` sees every batch once it is applied (and a clear-only resync batch
+        per purge): the index's followers (routers) replay exactly what the index did."""
         check_worker_id(namespace, "namespace")
+        self._redis = redis
+        self._on_change = on_change
         self._root = f"kvmesh:{namespace}:"
         self._blk_root = f"{self._root}blk:"
         self._workers_key = f"{self._root}workers"
@@ -284,6 +290,8 @@ class BlockRegistry:
             return PublishAck(seq=seq, resync_required=True, expected_seq=int(detail[0]) + 1)
         if status == "stale":
             return PublishAck(seq=seq, expected_seq=int(detail[0]) + 1)
+        if self._on_change is not None:
+            self._on_change(batch)
         return PublishAck(seq=seq, expected_seq=seq + 1)
 
     async def find_matches(
@@ -312,7 +320,17 @@ class BlockRegistry:
         An unknown worker is not an error: purge after lease loss may race a second purge.
         """
         check_worker_id(worker_id)
-        return int(await self._purge(keys=self._worker_keys(worker_id), args=[self._blk_root, worker_id]))
+        removed = int(await self._purge(keys=self._worker_keys(worker_id), args=[self._blk_root, worker_id]))
+        if self._on_change is not None:
+            self._on_change(KvEventBatch(worker_id=worker_id, resync=True, events=[KvEvent(cleared=AllCleared())]))
+        return removed
+
+    async def snapshot_batch(self, worker: RegisteredWorker) -> KvEventBatch:
+        """What ``worker`` holds, as the resync batch that would rebuild it from nothing."""
+        members = await self._redis.smembers(self._worker_keys(worker.worker_id)[2])
+        stored = BlockStored(block_hashes=[int(member, 16) for member in members])
+        return KvEventBatch(worker_id=worker.worker_id, model=worker.model, seq=worker.last_seq, resync=True,
+                            events=[KvEvent(cleared=AllCleared()), KvEvent(stored=stored)])  # fmt: skip
 
     async def workers(self) -> list[RegisteredWorker]:
         """Every known worker, sorted by id."""

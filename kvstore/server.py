@@ -23,6 +23,7 @@ from kvmesh.logging_setup import setup_logging
 from kvmesh.telemetry import incoming_context, tracer
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
 from kvstore import metrics
+from kvstore.index_feed import FollowerLost, IndexFeed
 from kvstore.registry import BlockRegistry
 from kvstore.validation import InvalidInput
 
@@ -31,18 +32,22 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KvStore"].full_name
 
 
-async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    """Map registry failures onto status codes: the caller's mistake vs retry later."""
-    if isinstance(exc, InvalidInput):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, RedisError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"block registry unavailable: {exc}")
-    raise exc
-
-
 class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
-    def __init__(self, registry: BlockRegistry) -> None:
+    def __init__(self, registry: BlockRegistry, feed: IndexFeed) -> None:
         self.registry = registry
+        self.feed = feed
+
+    async def _abort_for(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        """Map registry failures onto status codes: the caller's mistake vs retry later.
+
+        Losing Redis also ends every index follower: changes are being lost, so their copies
+        can no longer be trusted until a fresh snapshot."""
+        if isinstance(exc, InvalidInput):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, RedisError):
+            self.feed.fail_all(f"block registry lost Redis: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"block registry unavailable: {exc}")
+        raise exc
 
     async def Publish(
         self, request_iterator: AsyncIterator[kvstore_pb2.KvEventBatch], context: grpc.aio.ServicerContext
@@ -51,7 +56,7 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
             try:
                 ack = await self.registry.apply_batch(batch)
             except (InvalidInput, RedisError) as exc:
-                await _abort_for(context, exc)
+                await self._abort_for(context, exc)
             metrics.observe_batch(batch)
             yield ack
 
@@ -66,7 +71,7 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
                     request.model, list(request.block_hashes), list(request.worker_ids) or None
                 )
         except (InvalidInput, RedisError) as exc:
-            await _abort_for(context, exc)
+            await self._abort_for(context, exc)
         return kvstore_pb2.FindMatchesResponse(
             matches=[kvstore_pb2.WorkerMatch(worker_id=w, matched_blocks=n) for w, n in matches]
         )
@@ -77,8 +82,29 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
         try:
             removed = await self.registry.purge(request.worker_id)
         except (InvalidInput, RedisError) as exc:
-            await _abort_for(context, exc)
+            await self._abort_for(context, exc)
         return kvstore_pb2.PurgeResponse(blocks_removed=removed)
+
+    async def WatchIndex(
+        self, request: kvstore_pb2.WatchIndexRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kvstore_pb2.IndexUpdate]:
+        follower = self.feed.subscribe()  # before the snapshot is read: see index_feed
+        try:
+            try:
+                for worker in await self.registry.workers():
+                    yield kvstore_pb2.IndexUpdate(batch=await self.registry.snapshot_batch(worker))
+            except RedisError as exc:
+                await self._abort_for(context, exc)
+            yield kvstore_pb2.IndexUpdate(snapshot_done=True)
+            while True:
+                try:
+                    batch = await follower.next()
+                except FollowerLost as lost:
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED if lost.behind else grpc.StatusCode.UNAVAILABLE
+                    await context.abort(code, str(lost))
+                yield kvstore_pb2.IndexUpdate(batch=batch)
+        finally:
+            self.feed.unsubscribe(follower)
 
     async def Stats(
         self, request: kvstore_pb2.KvStoreStatsRequest, context: grpc.aio.ServicerContext
@@ -111,9 +137,10 @@ async def purge_unregistered(registry: BlockRegistry, live_worker_ids: set[str])
 
 async def serve(settings: KvStoreSettings) -> None:
     redis_client = aioredis.from_url(settings.redis_url)
-    registry = BlockRegistry(redis_client, settings.namespace)
+    feed = IndexFeed()
+    registry = BlockRegistry(redis_client, settings.namespace, on_change=feed.publish)
     process = ServiceProcess(settings, [SERVICE_NAME])
-    kvstore_pb2_grpc.add_KvStoreServicer_to_server(KvStoreServicer(registry), process.server)
+    kvstore_pb2_grpc.add_KvStoreServicer_to_server(KvStoreServicer(registry, feed), process.server)
 
     async def on_worker_change(event: MembershipEvent) -> None:
         if event.kind == "leave":

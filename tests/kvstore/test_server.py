@@ -16,6 +16,7 @@ from kvmesh.discovery import Discovery
 from kvmesh.hashing import block_hashes
 from kvmesh.local_stores import child_env
 from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from router.kv_index import KvIndexClient
 
 MODEL = "SmolLM2-135M-Instruct@test"
 SYSTEM_PROMPT = list(range(1000, 1064))  # four full blocks shared by both conversations
@@ -134,3 +135,35 @@ async def test_bad_input_gets_invalid_argument_and_index_stays_consistent(kvstor
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (await stub.Purge(kvstore_pb2.PurgeRequest(worker_id="never-seen"))).blocks_removed == 0
         assert await matches(stub, CHAT_B) == before
+
+
+async def test_a_router_follows_the_index_snapshot_then_live_changes(kvstore_ns, etcd_server):
+    namespace, address = kvstore_ns
+    discovery = Discovery(etcd_server.endpoint, namespace)
+    follower = KvIndexClient(discovery, timeout_ms=1000, follow=True)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = kvstore_pb2_grpc.KvStoreStub(channel)
+        await publish(stub, [stored(1, "w-early", CHAT_A)])  # before the router follows: in its snapshot
+        await follower.start()
+        try:
+            await _until(lambda: follower.following, "the router never finished the index snapshot")
+            assert follower.index.overlaps(MODEL, block_hashes(CHAT_A)) == await matches(stub, CHAT_A)
+
+            await publish(stub, [stored(1, "w-late", CHAT_B)])  # a live change
+            await _until(lambda: follower.index.overlaps(MODEL, block_hashes(CHAT_B)).get("w-late") == 6,
+                         "a change applied by the kvstore never reached the router")  # fmt: skip
+            assert await follower.find_overlaps(MODEL, block_hashes(CHAT_B)) == await matches(stub, CHAT_B)
+
+            await stub.Purge(kvstore_pb2.PurgeRequest(worker_id="w-early"))
+            await _until(lambda: "w-early" not in follower.index.overlaps(MODEL, block_hashes(CHAT_A)),
+                         "a purge never reached the router")  # fmt: skip
+        finally:
+            await follower.stop()
+            await discovery.close()
+
+
+async def _until(condition, message: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        await asyncio.sleep(0.05)
