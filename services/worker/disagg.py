@@ -77,6 +77,11 @@ class TransferStats:
     retries: int = 0
     fallbacks: int = 0
 
+    def fell_back(self) -> None:
+        """A request meant for remote prefill was prefilled here after all."""
+        self.fallbacks += 1
+        TRANSFER_FALLBACKS.inc()
+
 
 class FinishedBlocks:
     """The prefill's blocks not sent yet; ``__call__`` runs on the engine thread after every
@@ -215,6 +220,5 @@ async def pull_with_retries(
             action = f"retrying via {pending[0]}" if pending else "prefilling locally"
             log.warning("remote prefill of %s via %s failed (%s); %s", request.request_id, address, exc, action)
             stats.retries += bool(pending)
-    stats.fallbacks += 1
-    TRANSFER_FALLBACKS.inc()
+    stats.fell_back()
     return None

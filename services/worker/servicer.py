@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import grpc
 
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
+from services.engine.llm_engine import NoFreeBlocksError
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
 from services.worker.disagg import TransferStats, pull_with_retries
@@ -100,9 +102,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._changed.set()
 
     async def _local_outputs(
-        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, started: float, **kv: object
+        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, started: float,
+        token_ids: list[int] | None = None, **kv: object,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        outputs = self.engine.generate(request.request_id, list(request.token_ids), sampling, **kv)
+        tokens = list(request.token_ids) if token_ids is None else token_ids
+        outputs = self.engine.generate(request.request_id, tokens, sampling, **kv)
         async with contextlib.aclosing(outputs):
             async for output in outputs:
                 yield output_to_proto(output, time.monotonic() - started)
@@ -145,8 +149,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if done:
             return
         kv = pulled.assembler.kv(tokens)
-        async for response in self._local_outputs(request, sampling, started, kv=kv, kv_first_block=skip,
-                                                  output_token_ids=[first.token_id]):  # fmt: skip
+        try:
+            async for response in self._local_outputs(request, sampling, started, kv=kv, kv_first_block=skip,
+                                                      output_token_ids=[first.token_id]):  # fmt: skip
+                yield response
+            return
+        except NoFreeBlocksError as exc:  # raised by the import, before any output of it
+            # The leading blocks it was to reuse were evicted during the pull, or the pool is
+            # full: compute here instead (queued like any request), continuing after the
+            # first token the client already has, as a migrated request would.
+            log.warning("could not import the KV of %s (%s); prefilling locally", request.request_id, exc)
+        trace.path = "fallback"
+        self.transfers.fell_back()
+        rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+        async for response in self._local_outputs(request, rest, started, token_ids=[*tokens, first.token_id]):
             yield response
 
     async def Cancel(

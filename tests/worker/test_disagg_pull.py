@@ -34,6 +34,7 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
         self.target = target
         self.faults: list[str] = []
         self.pulls = 0
+        self.evict: AsyncEngine | None = None  # the engine whose cache an "evict" fault empties
 
     async def PullBlocks(
         self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
@@ -49,6 +50,8 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker went away mid-transfer")
                 elif index == 1 and fault == "stall":
                     await asyncio.Event().wait()  # until the decode worker's deadline cancels the call
+                elif index == 1 and fault == "evict":  # the receiver's reusable blocks vanish mid-pull
+                    await self.evict.run(lambda e: e.reset_prefix_cache())
                 index += 1
                 yield chunk
 
@@ -97,6 +100,7 @@ async def workers(prefill_engine: AsyncEngine, decode_engine: AsyncEngine) -> As
     proxy_server, proxy_address = await serve(transfer_pb2_grpc.add_KvTransferServicer_to_server, proxy)
     decode = WorkerServicer(decode_engine, "decode-test", "decode", 200, transfer_timeout_s=60)
     decode_server, decode_address = await serve(worker_pb2_grpc.add_WorkerServicer_to_server, decode)
+    proxy.evict = decode_engine
     yield Workers(prefill_address, proxy, proxy_address, decode, decode_address)
     for server in (decode_server, proxy_server, prefill):
         await server.stop(0)
@@ -177,4 +181,18 @@ async def test_a_stalled_transfer_times_out_and_nothing_of_it_is_imported(
     # Had a chunk received before the stall reached the pool's index, the local prefill would
     # have reused it.
     assert cached_tokens == 0
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_blocks_evicted_during_the_pull_are_prefilled_locally(workers, engine, tokenizer, prefill_engine,
+                                                                    decode_engine):  # fmt: skip
+    first_turn = prompt_ids(tokenizer, "harbour")
+    assert await decode(workers, first_turn, "evict-1") == expected(engine, first_turn)
+    # The next turn shares the first's blocks, now cached on the decode worker: the pull skips
+    # them, and the fault evicts them before the import can reuse them.
+    second_turn = first_turn + tokenizer.encode(" And what of the ships moored there?")
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    workers.proxy.faults = ["evict"]
+    assert await decode(workers, second_turn, "evict-2") == expected(engine, second_turn)
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0], before[1] + 1)
     await assert_no_blocks_held(prefill_engine, decode_engine)
