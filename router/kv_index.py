@@ -1,13 +1,19 @@
 """The router's client of the kvstore: per-worker prefix overlap, or nothing.
 
-The KV-event path and the request path are separate: when the kvstore is slow or gone,
-``find_overlaps`` answers None within its deadline and the request is routed on load
-alone. Losing the index degrades routing, never a request.
+The KV-event path and the request path are separate: when the kvstore is slow or gone, or
+its Redis is, ``find_overlaps`` answers None and the request is routed on load alone.
+Losing the index degrades routing, never a request, and the router says so: the gauge
+``kvmesh_router_kv_routing_degraded{reason}``, ``degraded_reason`` (in ``kvmesh status``).
+While degraded, requests don't wait on the index at all: one lookup (or a background probe)
+tries it again every ``_RETRY_S``, so kv routing resumes within a second of the index returning.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 
 import grpc
 
@@ -15,8 +21,22 @@ from kvmesh.discovery import Discovery, Membership
 from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from router.metrics import KV_ROUTING_DEGRADED
 
 log = logging.getLogger(__name__)
+
+DEGRADED_REASONS = ("no_kvstore", "kvstore_unreachable", "registry_unavailable", "timeout")
+_RETRY_S = 0.5
+# The kvstore's answer when its Redis is down (kvstore/server.py).
+_REGISTRY_DOWN_PREFIX = "block registry unavailable"
+
+
+def _reason_of(exc: grpc.aio.AioRpcError) -> str:
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "timeout"
+    if (exc.details() or "").startswith(_REGISTRY_DOWN_PREFIX):
+        return "registry_unavailable"
+    return "kvstore_unreachable"
 
 
 class KvIndexClient:
@@ -27,11 +47,21 @@ class KvIndexClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: kvstore_pb2_grpc.KvStoreStub | None = None
         self.available = False
+        self.degraded_reason = ""  # empty while the index answers (or was never asked)
+        self._retry_at = 0.0
+        self._last_answer_at = 0.0
+        self._probe: asyncio.Task | None = None
+        self._set_degraded("")
 
     async def start(self) -> None:
         await self._kvstores.start()
+        self._probe = asyncio.create_task(self._probe_loop(), name="kv-index-probe")
 
     async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         await self._kvstores.stop()
         if self._channel is not None:
             await self._channel.close()
@@ -46,21 +76,57 @@ class KvIndexClient:
             self._stub = kvstore_pb2_grpc.KvStoreStub(self._channel)
         return self._stub
 
+    def _set_degraded(self, reason: str) -> None:
+        if reason != self.degraded_reason:
+            if reason:
+                log.warning("KV index unusable (%s); routing on load only", reason)
+            else:
+                log.info("KV index answers again; kv routing resumed")
+        self.degraded_reason = reason
+        self.available = not reason
+        self._retry_at = time.monotonic() + _RETRY_S if reason else 0.0
+        for name in DEGRADED_REASONS:
+            KV_ROUTING_DEGRADED.labels(name).set(1 if name == reason else 0)
+
     async def find_overlaps(self, model: str, block_hashes: list[int]) -> dict[str, int] | None:
         """Leading blocks of ``block_hashes`` each worker holds; None when the index can't say."""
         if not block_hashes:
             return {}
+        if self.degraded_reason and time.monotonic() < self._retry_at:
+            return None  # fail fast: the last try failed a moment ago
         stub = self._current_stub()
         if stub is None:
-            self.available = False
+            self._set_degraded("no_kvstore")
             return None
         request = kvstore_pb2.FindMatchesRequest(model=model, block_hashes=block_hashes)
         try:
             reply = await stub.FindMatches(request, timeout=self._timeout_s, metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as exc:
-            if self.available:
-                log.warning("kvstore FindMatches failed (%s); routing on load only", exc.code().name)
-            self.available = False
+            self._set_degraded(_reason_of(exc))
             return None
-        self.available = True
+        self._answered()
         return {match.worker_id: match.matched_blocks for match in reply.matches}
+
+    def _answered(self) -> None:
+        self._last_answer_at = time.monotonic()
+        self._set_degraded("")
+
+    async def _probe_loop(self) -> None:
+        """Keep ``degraded_reason`` true for an idle router too (``kvmesh status``)."""
+        while True:
+            await asyncio.sleep(_RETRY_S)
+            if time.monotonic() - self._last_answer_at < _RETRY_S:
+                continue  # requests keep the state fresh
+            stub = self._current_stub()
+            if stub is None:
+                self._set_degraded("no_kvstore")
+                continue
+            try:
+                stats = await stub.Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=max(self._timeout_s, 2.0))
+            except grpc.aio.AioRpcError as exc:
+                self._set_degraded(_reason_of(exc))
+                continue
+            if stats.registry_available:
+                self._answered()
+            else:
+                self._set_degraded("registry_unavailable")
