@@ -98,7 +98,10 @@ class ServiceSettings:
 class KvStoreSettings(ServiceSettings):
     """The KV block registry."""
 
-    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", metadata=_help("Redis URL"))
+    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", metadata=_help(
+        "Redis URL (redis://[user:password@]host:port/db, rediss:// for TLS)"))
+    redis_username: str = dataclasses.field(default="", metadata=_help("Redis ACL user (AUTH); beats the URL's"))
+    redis_password: str = dataclasses.field(default="", metadata=_help("Redis password (AUTH); beats the URL's"))
 
     kind = "kvstore"
 

@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -63,6 +63,7 @@ class StoreProcess:
     host: str
     port: int
     log_path: Path
+    cmd: list[str] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
@@ -82,6 +83,21 @@ class StoreProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def start_again(self) -> None:
+        """Start the same command again (same port, same data directory) after a stop or kill:
+        what an operator's restart does, for the store-failure tests and the soak."""
+        self.kill()
+        self.proc = _spawn(self.cmd, self.log_path)
+        self.wait_listening()
+
+    def wait_listening(self) -> None:
+        """Wait until it accepts connections (killing it if it never does)."""
+        try:
+            wait_for_port(self.host, self.port, 20.0, self.proc)
+        except Exception:
+            self.kill()
+            raise
+
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,12 +107,8 @@ def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
 
 def _start_listening(name: str, cmd: list[str], host: str, port: int, log_path: Path) -> StoreProcess:
     """Spawn a store and wait until it accepts connections (killing it if it never does)."""
-    store = StoreProcess(name, _spawn(cmd, log_path), host, port, log_path)
-    try:
-        wait_for_port(host, port, 20.0, store.proc)
-    except Exception:
-        store.kill()
-        raise
+    store = StoreProcess(name, _spawn(cmd, log_path), host, port, log_path, cmd)
+    store.wait_listening()
     return store
 
 

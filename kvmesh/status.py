@@ -1,5 +1,6 @@
-"""`kvmesh status`: every registered instance, whether it answers its health check, and
-for the kvstore how many blocks it indexes."""
+"""`kvmesh status`: every registered instance, whether it answers its health check, for
+the kvstore how many blocks it indexes, and for a router whether kv routing works or is
+degraded to load-only (and why)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import grpc
 
 from kvmesh.discovery import Discovery
 from kvmesh.grpc_service import check_health, mesh_channel
-from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
 
 
 async def _kvstore_blocks(address: str) -> int | None:
@@ -23,6 +24,17 @@ async def _kvstore_blocks(address: str) -> int | None:
             return stats.blocks if stats.registry_available else None
     except grpc.aio.AioRpcError:
         return None
+
+
+async def _kv_routing(address: str) -> str | None:
+    """``ok``, ``degraded: <reason>`` (routing on load alone), or None if the router can't say."""
+    try:
+        async with mesh_channel(address) as channel:
+            status = await router_pb2_grpc.RouterStub(channel).Status(router_pb2.StatusRequest(), timeout=2.0)
+    except grpc.aio.AioRpcError:
+        return None
+    reason = status.kv_routing_degraded_reason
+    return f"degraded: {reason}" if reason else "ok"
 
 
 async def _describe(info: common_pb2.InstanceInfo) -> dict[str, Any]:
@@ -43,6 +55,8 @@ async def _describe(info: common_pb2.InstanceInfo) -> dict[str, Any]:
         row["metrics"] = f"http://{info.address.rpartition(':')[0]}:{info.metrics_port}/metrics"
     if info.kind == "kvstore":
         row["blocks"] = await _kvstore_blocks(info.address)
+    if info.kind == "router":
+        row["kv_routing"] = await _kv_routing(info.address)
     return row
 
 
@@ -59,7 +73,7 @@ async def collect_status(etcd_endpoint: str, namespace: str) -> list[dict[str, A
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no instances registered"
-    columns = ["kind", "id", "address", "role", "model", "healthy", "blocks", "metrics"]
+    columns = ["kind", "id", "address", "role", "model", "healthy", "blocks", "kv_routing", "metrics"]
     cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]

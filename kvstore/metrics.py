@@ -20,6 +20,9 @@ FIND_MATCHES_SECONDS = Histogram("kvmesh_kvstore_find_matches_seconds", "FindMat
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))  # fmt: skip
 INDEX_BLOCKS = Gauge("kvmesh_kvstore_index_blocks", "(worker, block) entries in the index")
 INDEX_WORKERS = Gauge("kvmesh_kvstore_index_workers", "Workers with blocks in the index")
+REGISTRY_AVAILABLE = Gauge("kvmesh_kvstore_registry_available", "1 while Redis answers, 0 while it doesn't")
+RESYNCS_ASKED = Counter("kvmesh_kvstore_resyncs_asked_total",
+                        "Full resyncs the kvstore asked of connected workers because Redis lost the index")  # fmt: skip
 
 
 def observe_batch(batch: kvstore_pb2.KvEventBatch) -> None:

@@ -7,6 +7,7 @@ Key layout (``<ns>`` isolates stacks sharing one Redis; hashes are 16 lowercase 
 - ``kvmesh:<ns>:wmeta:<worker>``     hash ``{model, last_seq}``; exists iff the worker is known
 - ``kvmesh:<ns>:workers``            set of known worker ids
 - ``kvmesh:<ns>:counters``           hash ``{batches_ingested, blocks_ingested, resyncs_requested}``
+- ``kvmesh:<ns>:epoch``              a random marker: gone means Redis lost the index (``registry_monitor.py``)
 
 Every operation is one Lua script, so one round trip, and atomic: a batch's events and its
 sequence number land together or not at all, and the two directions of the index

@@ -2,7 +2,9 @@
 
 Also the one place that ties the index to membership: when a worker's etcd lease
 disappears its blocks are purged at once, and at start-up the index forgets workers
-that are no longer registered (they died while no kvstore was watching).
+that are no longer registered (they died while no kvstore was watching). And to Redis's
+health: when Redis lost the index, every connected worker is asked for a full resync
+(``registry_monitor.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
 from kvstore import metrics
 from kvstore.index_feed import FollowerLost, IndexFeed
 from kvstore.registry import BlockRegistry
+from kvstore.registry_monitor import RegistryMonitor
 from kvstore.validation import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,16 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KvStore"].full_name
 
 
+# An ack for no batch: the kvstore asks the worker for a full resync (Redis lost the index).
+_RESYNC_ASK = kvstore_pb2.PublishAck(resync_required=True)
+
+
 class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
     def __init__(self, registry: BlockRegistry, feed: IndexFeed) -> None:
         self.registry = registry
         self.feed = feed
+        # One outbox per open Publish stream: acks, unsolicited resync asks, None at the end.
+        self._outboxes: set[asyncio.Queue[kvstore_pb2.PublishAck | None]] = set()
 
     async def _abort_for(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """Map registry failures onto status codes: the caller's mistake vs retry later.
@@ -49,16 +58,39 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"block registry unavailable: {exc}")
         raise exc
 
+    def ask_resync(self, reason: str) -> None:
+        """Ask every connected worker for a full resync (on its Publish stream). The index's
+        followers lost what Redis lost: they start over from a snapshot too."""
+        self.feed.fail_all(f"the block registry lost its index ({reason})")
+        for outbox in self._outboxes:
+            outbox.put_nowait(_RESYNC_ASK)
+        metrics.RESYNCS_ASKED.inc(len(self._outboxes))
+
     async def Publish(
         self, request_iterator: AsyncIterator[kvstore_pb2.KvEventBatch], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kvstore_pb2.PublishAck]:
-        async for batch in request_iterator:
+        outbox: asyncio.Queue[kvstore_pb2.PublishAck | None] = asyncio.Queue()
+        self._outboxes.add(outbox)
+        ingest = asyncio.create_task(self._ingest(request_iterator, outbox))
+        try:
+            while (ack := await outbox.get()) is not None:
+                yield ack
             try:
-                ack = await self.registry.apply_batch(batch)
+                await ingest
             except (InvalidInput, RedisError) as exc:
                 await self._abort_for(context, exc)
-            metrics.observe_batch(batch)
-            yield ack
+        finally:
+            self._outboxes.discard(outbox)
+            ingest.cancel()
+
+    async def _ingest(self, request_iterator: AsyncIterator[kvstore_pb2.KvEventBatch],
+                      outbox: asyncio.Queue[kvstore_pb2.PublishAck | None]) -> None:  # fmt: skip
+        try:
+            async for batch in request_iterator:
+                outbox.put_nowait(await self.registry.apply_batch(batch))
+                metrics.observe_batch(batch)
+        finally:
+            outbox.put_nowait(None)
 
     async def FindMatches(
         self, request: kvstore_pb2.FindMatchesRequest, context: grpc.aio.ServicerContext
@@ -135,12 +167,23 @@ async def purge_unregistered(registry: BlockRegistry, live_worker_ids: set[str])
             log.info("purged %d blocks of unregistered worker %s", removed, worker.worker_id)
 
 
+def redis_client(settings: KvStoreSettings) -> aioredis.Redis:
+    """The kvstore's Redis client: credentials from the URL or the settings, and short socket
+    timeouts, so a dead or hung Redis fails a call in about a second instead of hanging it."""
+    credentials = {"username": settings.redis_username or None, "password": settings.redis_password or None}
+    return aioredis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0,
+                             **{k: v for k, v in credentials.items() if v})  # fmt: skip
+
+
 async def serve(settings: KvStoreSettings) -> None:
-    redis_client = aioredis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     feed = IndexFeed()
-    registry = BlockRegistry(redis_client, settings.namespace, on_change=feed.publish)
+    registry = BlockRegistry(redis, settings.namespace, on_change=feed.publish)
     process = ServiceProcess(settings, [SERVICE_NAME])
-    kvstore_pb2_grpc.add_KvStoreServicer_to_server(KvStoreServicer(registry, feed), process.server)
+    servicer = KvStoreServicer(registry, feed)
+    kvstore_pb2_grpc.add_KvStoreServicer_to_server(servicer, process.server)
+    # A frozen index is not followed: routers fall back to asking, and so route on load alone.
+    monitor = RegistryMonitor(redis, settings.namespace, servicer.ask_resync, on_lost=feed.fail_all)
 
     async def on_worker_change(event: MembershipEvent) -> None:
         if event.kind == "leave":
@@ -157,12 +200,14 @@ async def serve(settings: KvStoreSettings) -> None:
             log.warning("could not reconcile the index with etcd at start (%s)", exc)
         await workers.start()
         gauges = asyncio.create_task(metrics.refresh_index_gauges(registry), name="index-gauges")
+        watch = asyncio.create_task(monitor.run(), name="registry-monitor")
         await process.wait_for_signal()
         gauges.cancel()
+        watch.cancel()
     finally:
         await workers.stop()
         await process.shutdown()
-        await redis_client.aclose()
+        await redis.aclose()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -99,4 +99,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             workers=workers,
             kvstore_available=self.core.kv_index.available,
             migrations=self.core.migrations,
+            kv_routing_degraded_reason=self.core.kv_index.degraded_reason,
         )

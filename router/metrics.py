@@ -7,7 +7,7 @@ before a worker was chosen); ``mode`` is the router's configured ``--router-mode
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -26,3 +26,7 @@ OVERLAP_RATIO = Histogram("kvmesh_router_prefix_overlap_ratio",
 PROMPT_TOKENS = Counter("kvmesh_router_prompt_tokens_total", "Prompt tokens of finished requests", ["route"])
 CACHED_TOKENS = Counter("kvmesh_router_cached_tokens_total", "Prompt tokens served from a prefix cache", ["route"])
 OUTPUT_TOKENS = Counter("kvmesh_router_output_tokens_total", "Tokens streamed back", ["route"])
+KV_ROUTING_DEGRADED = Gauge("kvmesh_router_kv_routing_degraded",
+                            "1 while requests are routed on load alone because the KV index can't answer, "
+                            "by reason (no_kvstore, kvstore_unreachable, registry_unavailable, timeout)",
+                            ["reason"])  # fmt: skip

@@ -266,7 +266,8 @@ def create_app(core: RouterCore) -> FastAPI:
     async def health() -> JSONResponse:
         workers = len(core.pool.workers)
         body = {"status": "ok" if workers else "no_workers", "workers": workers,
-                "kvstore_available": core.kv_index.available}  # fmt: skip
+                "kvstore_available": core.kv_index.available,
+                "kv_routing_degraded_reason": core.kv_index.degraded_reason}  # fmt: skip
         return JSONResponse(body, status_code=200 if workers else 503)
 
     @app.get("/v1/models", dependencies=keyed)

@@ -140,6 +140,7 @@ class KvEventPublisher:
         async for ack in call:
             self.batches_sent += 1
             if ack.resync_required:
-                log.warning("kvstore expected batch %d, got %d: resyncing", ack.expected_seq, ack.seq)
+                log.warning("kvstore asks for a resync (expected batch %d, got %d; 0: its index was lost)",
+                            ack.expected_seq, ack.seq)  # fmt: skip
                 await outbox.put(await self._resync_batch())
         raise ConnectionError("kvstore closed the event stream")
