@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import socket
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
@@ -117,6 +118,12 @@ class WorkerSettings(ServiceSettings):
     device: str = dataclasses.field(default="cpu", metadata=_help("cpu or cuda"))
     block_size: int = dataclasses.field(default=16, metadata=_help("tokens per KV block"))
     kv_cache_blocks: int = dataclasses.field(default=0, metadata=_help("KV blocks in the pool; 0 = engine default"))
+    host_cache_gb: float = dataclasses.field(
+        default=0.5, metadata=_help("KV tier G2: host memory for blocks evicted from the device pool; 0 = off"))
+    disk_cache_gb: float = dataclasses.field(
+        default=2.0, metadata=_help("KV tier G3: local disk for blocks evicted from host memory; 0 = off"))
+    disk_cache_dir: str = dataclasses.field(default="", metadata=_help(
+        "G3 directory (kept across restarts; one per worker); default: <tmp>/kvmesh-kv-cache/<instance-id>"))
     max_num_seqs: int = dataclasses.field(default=0, metadata=_help("concurrent sequences; 0 = engine default"))
     max_model_len: int = dataclasses.field(default=0, metadata=_help("context length; 0 = the model's"))
     num_threads: int = dataclasses.field(default=0, metadata=_help("torch threads; 0 = torch's default"))
@@ -142,6 +149,10 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("block_size and stats_interval_ms must be positive, event_flush_ms >= 0")
         if self.prefill_chunk_tokens < 0 or self.transfer_timeout_s <= 0:
             raise ValueError("prefill_chunk_tokens must be >= 0 and transfer_timeout_s positive")
+        if self.kv_cache_blocks < 0 or self.host_cache_gb < 0 or self.disk_cache_gb < 0:
+            raise ValueError("kv_cache_blocks, host_cache_gb and disk_cache_gb must be >= 0")
+        if not self.disk_cache_dir:
+            self.disk_cache_dir = os.path.join(tempfile.gettempdir(), "kvmesh-kv-cache", self.instance_id)
 
 
 @dataclasses.dataclass
