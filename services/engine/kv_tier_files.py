@@ -85,3 +85,9 @@ def list_block_files(directory: Path) -> list[int]:
 def remove_block_file(directory: Path, block_hash: int) -> None:
     with contextlib.suppress(FileNotFoundError):
         block_path(directory, block_hash).unlink()
+
+
+def touch_block_file(directory: Path, block_hash: int) -> None:
+    """Mark a block as just used, so a restarted worker's LRU order (by mtime) keeps it longest."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(block_path(directory, block_hash))

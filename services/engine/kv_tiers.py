@@ -29,6 +29,7 @@ from services.engine.kv_tier_files import (
     list_block_files,
     read_block_file,
     remove_block_file,
+    touch_block_file,
     write_block_file,
 )
 from services.engine.kv_transfer import tensor_from_bytes
@@ -136,13 +137,11 @@ class DiskTier:
             self._io.submit(self._remove, block_hash)
             return None
         self.index.move_to_end(block_hash)
+        self._io.submit(touch_block_file, self.directory, block_hash)
         return data
 
-    def flush(self) -> None:
-        """Wait for every queued write and deletion (shutdown, tests)."""
-        self._io.submit(lambda: None).result()
-
     def close(self) -> None:
+        """Finish every queued write and deletion."""
         self._io.shutdown(wait=True)
 
     def _write(self, block_hash: int, block: torch.Tensor) -> None:
