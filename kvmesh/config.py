@@ -168,6 +168,12 @@ class RouterSettings(ServiceSettings):
     overlap_weight: float = dataclasses.field(
         default=2.0, metadata=_help("cost of one block to prefill relative to one active decode block")
     )
+    # Lower KV tiers in router/scoring.py's cost: a block copy's time over a block's prefill time,
+    # medians measured with `python -m bench.kv_tiers` (SmolLM2-135M, CPU, float32).
+    host_tier_weight: float = dataclasses.field(
+        default=0.05, metadata=_help("cost of promoting a block from a worker's host memory, in block prefills"))
+    disk_tier_weight: float = dataclasses.field(
+        default=0.1, metadata=_help("cost of promoting a block from a worker's disk, in block prefills"))
     router_temperature: float = dataclasses.field(
         default=0.0, metadata=_help("softmax temperature over costs; 0 = always the cheapest")
     )
@@ -208,6 +214,9 @@ class RouterSettings(ServiceSettings):
             raise ValueError(f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {self.router_mode!r}")
         if self.overlap_weight < 0 or self.router_temperature < 0:
             raise ValueError("overlap_weight and router_temperature must be >= 0")
+        if not (0 <= self.host_tier_weight <= 1 and 0 <= self.disk_tier_weight <= 1):
+            raise ValueError("host_tier_weight and disk_tier_weight must be in [0, 1] (a copy is not dearer than a "
+                             "recompute)")
         if self.api_key_rate_limit < 0 or self.api_key_burst < 0 or self.max_inflight_requests < 0:
             raise ValueError("api_key_rate_limit, api_key_burst and max_inflight_requests must be >= 0")
 

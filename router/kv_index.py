@@ -15,6 +15,7 @@ from kvmesh.discovery import Discovery, Membership
 from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from router.scoring import PrefixOverlap
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,16 @@ class KvIndexClient:
             self._stub = kvstore_pb2_grpc.KvStoreStub(self._channel)
         return self._stub
 
-    async def find_overlaps(self, model: str, block_hashes: list[int]) -> dict[str, int] | None:
-        """Leading blocks of ``block_hashes`` each worker holds; None when the index can't say."""
+    async def find_overlaps(self, model: str, block_hashes: list[int]) -> dict[str, PrefixOverlap] | None:
+        """Leading blocks of ``block_hashes`` each worker holds (split by KV tier); None when the
+        index can't say."""
         if not block_hashes:
             return {}
         stub = self._current_stub()
         if stub is None:
             self.available = False
             return None
-        request = kvstore_pb2.FindMatchesRequest(model=model, block_hashes=block_hashes)
+        request = kvstore_pb2.FindMatchesRequest(model=model, block_hashes=block_hashes, by_tier=True)
         try:
             reply = await stub.FindMatches(request, timeout=self._timeout_s, metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as exc:
@@ -63,4 +65,5 @@ class KvIndexClient:
             self.available = False
             return None
         self.available = True
-        return {match.worker_id: match.matched_blocks for match in reply.matches}
+        return {match.worker_id: PrefixOverlap(match.matched_blocks, match.host_blocks, match.disk_blocks)
+                for match in reply.matches}
