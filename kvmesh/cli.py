@@ -37,6 +37,11 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--model", default="", help="model spec; default SmolLM2-135M-Instruct (offline GGUF)")
     up.add_argument("--engine", choices=ENGINES, default="real")
     up.add_argument("--router-mode", choices=ROUTER_MODES, default="kv")
+    up.add_argument("--kv-cache-blocks", type=int, default=0, help="device KV pool blocks per worker (G1); 0 = default")
+    up.add_argument("--host-cache-gb", type=float, default=None, help="host-memory KV tier per worker (G2); 0 = off")
+    up.add_argument("--disk-cache-gb", type=float, default=None, help="disk KV tier per worker (G3); 0 = off")
+    up.add_argument("--disk-cache-dir", type=Path, default=None,
+                    help="G3 files go to DIR/<worker-id> (kept across restarts); default <state-dir>/kv-cache")
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--namespace", default=os.environ.get("KVMESH_NAMESPACE", "default"))
@@ -91,7 +96,8 @@ def _up(args: argparse.Namespace) -> int:
             engine=args.engine, router_mode=args.router_mode, http_port=args.http_port,
             grpc_port=args.grpc_port, namespace=args.namespace, etcd_endpoint=args.etcd_endpoint,
             redis_url=args.redis_url, state_dir=args.state_dir, ready_timeout_s=args.ready_timeout,
-            api_keys=args.api_keys, tls=args.tls,
+            api_keys=args.api_keys, tls=args.tls, kv_cache_blocks=args.kv_cache_blocks,
+            host_cache_gb=args.host_cache_gb, disk_cache_gb=args.disk_cache_gb, disk_cache_dir=args.disk_cache_dir,
         )  # fmt: skip
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)

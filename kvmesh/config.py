@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import socket
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
@@ -120,6 +121,12 @@ class WorkerSettings(ServiceSettings):
     device: str = dataclasses.field(default="cpu", metadata=_help("cpu or cuda"))
     block_size: int = dataclasses.field(default=16, metadata=_help("tokens per KV block"))
     kv_cache_blocks: int = dataclasses.field(default=0, metadata=_help("KV blocks in the pool; 0 = engine default"))
+    host_cache_gb: float = dataclasses.field(
+        default=0.5, metadata=_help("KV tier G2: host memory for blocks evicted from the device pool; 0 = off"))
+    disk_cache_gb: float = dataclasses.field(
+        default=2.0, metadata=_help("KV tier G3: local disk for blocks evicted from host memory; 0 = off"))
+    disk_cache_dir: str = dataclasses.field(default="", metadata=_help(
+        "G3 directory (kept across restarts; one per worker); default: <tmp>/kvmesh-kv-cache/<instance-id>"))
     max_num_seqs: int = dataclasses.field(default=0, metadata=_help("concurrent sequences; 0 = engine default"))
     max_model_len: int = dataclasses.field(default=0, metadata=_help("context length; 0 = the model's"))
     num_threads: int = dataclasses.field(default=0, metadata=_help("torch threads; 0 = torch's default"))
@@ -145,6 +152,10 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("block_size and stats_interval_ms must be positive, event_flush_ms >= 0")
         if self.prefill_chunk_tokens < 0 or self.transfer_timeout_s <= 0:
             raise ValueError("prefill_chunk_tokens must be >= 0 and transfer_timeout_s positive")
+        if self.kv_cache_blocks < 0 or self.host_cache_gb < 0 or self.disk_cache_gb < 0:
+            raise ValueError("kv_cache_blocks, host_cache_gb and disk_cache_gb must be >= 0")
+        if not self.disk_cache_dir:
+            self.disk_cache_dir = os.path.join(tempfile.gettempdir(), "kvmesh-kv-cache", self.instance_id)
 
 
 @dataclasses.dataclass
@@ -160,6 +171,12 @@ class RouterSettings(ServiceSettings):
     overlap_weight: float = dataclasses.field(
         default=2.0, metadata=_help("cost of one block to prefill relative to one active decode block")
     )
+    # Lower KV tiers in router/scoring.py's cost: a block copy's time over a block's prefill time,
+    # medians measured with `python -m bench.kv_tiers` (SmolLM2-135M, CPU, float32).
+    host_tier_weight: float = dataclasses.field(
+        default=0.05, metadata=_help("cost of promoting a block from a worker's host memory, in block prefills"))
+    disk_tier_weight: float = dataclasses.field(
+        default=0.1, metadata=_help("cost of promoting a block from a worker's disk, in block prefills"))
     router_temperature: float = dataclasses.field(
         default=0.0, metadata=_help("softmax temperature over costs; 0 = always the cheapest")
     )
@@ -207,6 +224,9 @@ class RouterSettings(ServiceSettings):
             raise ValueError(f"kv_index must be follow or query, got {self.kv_index!r}")
         if self.overlap_weight < 0 or self.router_temperature < 0:
             raise ValueError("overlap_weight and router_temperature must be >= 0")
+        if not (0 <= self.host_tier_weight <= 1 and 0 <= self.disk_tier_weight <= 1):
+            raise ValueError("host_tier_weight and disk_tier_weight must be in [0, 1] (a copy is not dearer than a "
+                             "recompute)")
         if self.api_key_rate_limit < 0 or self.api_key_burst < 0 or self.max_inflight_requests < 0:
             raise ValueError("api_key_rate_limit, api_key_burst and max_inflight_requests must be >= 0")
 

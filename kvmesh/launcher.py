@@ -66,6 +66,12 @@ class StackOptions:
     tls: bool = False
     # Extra environment for workers (e.g. KVMESH_DTYPE=float32 in tests).
     worker_env: dict[str, str] = field(default_factory=dict)
+    # KV tiers per worker: device pool blocks (0 = the worker's default), host and disk budgets
+    # (None = the worker's defaults), and the root of the workers' disk-tier directories.
+    kv_cache_blocks: int = 0
+    host_cache_gb: float | None = None
+    disk_cache_gb: float | None = None
+    disk_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.prefill or self.decode:
@@ -150,12 +156,26 @@ class LocalStack:
 
     def add_worker(self, role: str, index: int, env: dict[str, str] | None = None) -> str:
         instance_id = f"{role}-{self.options.namespace}-{index}"
-        args = ["--role", role, "--engine", self.options.engine]
+        args = ["--role", role, "--engine", self.options.engine, *self._kv_tier_args(instance_id)]
         if self.options.model:
             args += ["--model", self.options.model]
         env = {**self._thread_share(), **self.options.worker_env, **(env or {})}
         self.spawn(f"{role}-{index}", instance_id, "services.worker.server", args, env)
         return instance_id
+
+    def _kv_tier_args(self, instance_id: str) -> list[str]:
+        """The KV-cache flags `kvmesh up` passes through; each worker's disk tier gets its own
+        directory, named by its (stable) id so a restarted worker finds its blocks again."""
+        o = self.options
+        root = o.disk_cache_dir or o.state_dir / "kv-cache"
+        args = ["--disk-cache-dir", str(root / instance_id)]
+        if o.kv_cache_blocks:
+            args += ["--kv-cache-blocks", str(o.kv_cache_blocks)]
+        if o.host_cache_gb is not None:
+            args += ["--host-cache-gb", str(o.host_cache_gb)]
+        if o.disk_cache_gb is not None:
+            args += ["--disk-cache-gb", str(o.disk_cache_gb)]
+        return args
 
     def add_mock_fleet(self, first: int, size: int) -> list[str]:
         """``size`` aggregated mock workers in one process (services/worker/mock_fleet.py): a mock

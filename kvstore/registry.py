@@ -4,6 +4,9 @@ Key layout (``<ns>`` isolates stacks sharing one Redis; hashes are 16 lowercase 
 
 - ``kvmesh:<ns>:blk:<model>:<hash>`` set of worker ids holding that block
 - ``kvmesh:<ns>:wrk:<worker>``       set of hashes the worker holds (purge, resync, counts)
+- ``kvmesh:<ns>:wtier:<worker>``     hash ``{hash: tier bitmask}`` (bit 0 device, 1 host, 2 disk) for the
+  blocks the worker holds anywhere but *only* on its device; absent = device only (so a
+  worker without lower tiers never writes it)
 - ``kvmesh:<ns>:wmeta:<worker>``     hash ``{model, last_seq}``; exists iff the worker is known
 - ``kvmesh:<ns>:workers``            set of known worker ids
 - ``kvmesh:<ns>:counters``           hash ``{batches_ingested, blocks_ingested, resyncs_requested}``
@@ -50,17 +53,21 @@ local function variadic(cmd, key, members)
 end
 
 -- Empty sets vanish in Redis, so a block nobody holds leaves no key behind.
-local function drop_all(blk_prefix, wrk_key, worker)
+local function drop_all(blk_prefix, wrk_key, worker, tier_key)
   local hashes = call('SMEMBERS', wrk_key)
   for i = 1, #hashes do call('SREM', blk_prefix .. hashes[i], worker) end
-  call('DEL', wrk_key)
+  call('DEL', wrk_key, tier_key)
   return #hashes
 end
 """
 
-# KEYS: workers, wmeta, wrk, counters.
+# KEYS: workers, wmeta, wrk, counters, wtier.
 # ARGV: worker, model, blk_root, seq, seq-1 ('' for 0), resync '1'|'0', stored count,
-#       then (op, payload) pairs: 's'|'r' with concatenated hex hashes, 'c' with ''.
+#       then (op, payload) pairs: 's'|'r' (device) or 's<tier>'|'r<tier>' with concatenated
+#       hex hashes, 'c' with ''.
+# A block is in ``blk``/``wrk`` while the worker holds it in any tier; ``wtier`` says which
+# tiers when that is not just the device. Device events of a worker with no ``wtier`` key
+# take the untiered path: one SADD/SREM per block, as before tiers.
 # Sequence numbers travel as decimal strings: Lua numbers are doubles and would round
 # a uint64. Equal-length decimal strings without leading zeros compare like numbers.
 _APPLY_BATCH = (
@@ -83,16 +90,46 @@ if known_model and not resync and last ~= prev then
   return {'gap', last}
 end
 local blk_prefix = blk_root .. model .. ':'
-if resync then drop_all(blk_prefix, KEYS[3], worker) end
+
+local function tier_mask(h)
+  local mask = call('HGET', KEYS[5], h)
+  if mask then return tonumber(mask) end
+  return call('SISMEMBER', KEYS[3], h)  -- 1: on the device only; 0: not held
+end
+
+local function apply_tiered(store, tier_bit, hashes)
+  for j = 1, #hashes do
+    local h = hashes[j]
+    local old = tier_mask(h)
+    local new = store and bit.bor(old, tier_bit) or bit.band(old, bit.bnot(tier_bit))
+    if new ~= old then
+      if old == 0 then
+        call('SADD', blk_prefix .. h, worker)
+        call('SADD', KEYS[3], h)
+      elseif new == 0 then
+        call('SREM', blk_prefix .. h, worker)
+        call('SREM', KEYS[3], h)
+      end
+      if new <= 1 then call('HDEL', KEYS[5], h) else call('HSET', KEYS[5], h, new) end
+    end
+  end
+end
+
+if resync then drop_all(blk_prefix, KEYS[3], worker, KEYS[5]) end
 for i = 8, #ARGV, 2 do
   local op = ARGV[i]
   if op == 'c' then
-    drop_all(blk_prefix, KEYS[3], worker)
+    drop_all(blk_prefix, KEYS[3], worker, KEYS[5])
   else
     local hashes = split_hashes(ARGV[i + 1])
-    local cmd = op == 's' and 'SADD' or 'SREM'
-    for j = 1, #hashes do call(cmd, blk_prefix .. hashes[j], worker) end
-    variadic(cmd, KEYS[3], hashes)
+    local store, tier = sub(op, 1, 1) == 's', tonumber(sub(op, 2)) or 0
+    if tier == 0 and call('EXISTS', KEYS[5]) == 0 then
+      local cmd = store and 'SADD' or 'SREM'
+      for j = 1, #hashes do call(cmd, blk_prefix .. hashes[j], worker) end
+      variadic(cmd, KEYS[3], hashes)
+    else
+      apply_tiered(store, bit.lshift(1, tier), hashes)
+    end
   end
 end
 call('HSET', KEYS[2], 'model', model, 'last_seq', seq)
@@ -109,7 +146,7 @@ return {'ok'}
 # Workers missing something in the step are then checked block by block, all together in
 # one SMISMEMBER per block, which is cheap when many stop at once (a shared system prompt
 # ending). Measured on the bench workload, STEP 8 beat 4, 16 and 32.
-_FIND_MATCHES = """
+_FIND_MATCHES_WALK = """
 local sub, call = string.sub, redis.call
 local CHUNK, STEP = 4000, 8
 local prefix, hex = ARGV[1], ARGV[2]
@@ -176,16 +213,44 @@ for _, worker in ipairs(alive) do
   result[#result + 1] = worker
   result[#result + 1] = done
 end
-return result
+"""
+_FIND_MATCHES = _FIND_MATCHES_WALK + "return result\n"
+
+# The same walk, then each match split by tier. KEYS[1]: the ``wtier:`` key prefix (a prefix,
+# not a key: like ``blk``, the script builds the keys). Returns (worker, matched, matched only
+# in host memory, matched only on disk) quadruples; a block on the device counts as a device hit
+# whatever else holds it, and one in both lower tiers as a host hit.
+_FIND_MATCHES_BY_TIER = _FIND_MATCHES_WALK + """
+local split = {}
+for i = 1, #result, 2 do
+  local worker, matched = result[i], result[i + 1]
+  local host, disk = 0, 0
+  for first = 1, matched, CHUNK do
+    local fields = {}
+    for b = first, math.min(first + CHUNK - 1, matched) do fields[#fields + 1] = sub(hex, b * 16 - 15, b * 16) end
+    local masks = call('HMGET', KEYS[1] .. worker, unpack(fields))
+    for j = 1, #masks do
+      local mask = tonumber(masks[j]) or 1
+      if bit.band(mask, 1) == 0 then
+        if bit.band(mask, 2) ~= 0 then host = host + 1 else disk = disk + 1 end
+      end
+    end
+  end
+  split[#split + 1] = worker
+  split[#split + 1] = matched
+  split[#split + 1] = host
+  split[#split + 1] = disk
+end
+return split
 """
 
-# KEYS: workers, wmeta, wrk. ARGV: blk_root, worker.
+# KEYS: workers, wmeta, wrk, wtier. ARGV: blk_root, worker.
 _PURGE = (
     _LUA_COMMON
     + """
 local model = call('HGET', KEYS[2], 'model')
 if not model then return 0 end
-local removed = drop_all(ARGV[1] .. model .. ':', KEYS[3], ARGV[2])
+local removed = drop_all(ARGV[1] .. model .. ':', KEYS[3], ARGV[2], KEYS[4])
 call('DEL', KEYS[2])
 call('SREM', KEYS[1], ARGV[2])
 return removed
@@ -205,6 +270,17 @@ return {counters, rows}
 """
 
 _EVENT_OPS = {"stored": "s", "removed": "r"}
+
+
+@dataclass(frozen=True)
+class TierMatch:
+    """A worker's matched prefix, and how many of its blocks it holds only in a lower tier
+    (a copy to promote, not a device hit)."""
+
+    worker_id: str
+    matched_blocks: int
+    host_blocks: int
+    disk_blocks: int
 
 
 @dataclass(frozen=True)
@@ -245,6 +321,8 @@ class BlockRegistry:
         self._counters_key = f"{self._root}counters"
         self._apply = redis.register_script(_APPLY_BATCH)
         self._find = redis.register_script(_FIND_MATCHES)
+        self._find_by_tier = redis.register_script(_FIND_MATCHES_BY_TIER)
+        self._tier_root = f"{self._root}wtier:"
         self._purge = redis.register_script(_PURGE)
         self._snapshot = redis.register_script(_SNAPSHOT)
 
@@ -277,7 +355,7 @@ class BlockRegistry:
             stored,
             *event_args,
         ]
-        keys = [*self._worker_keys(batch.worker_id), self._counters_key]
+        keys = [*self._worker_keys(batch.worker_id), self._counters_key, f"{self._tier_root}{batch.worker_id}"]
         status, *detail = await self._apply(keys=keys, args=args)
         status = _text(status)
         if status == "model":
@@ -315,23 +393,50 @@ class BlockRegistry:
         matches.sort(key=lambda match: (-match[1], match[0]))
         return matches
 
+    async def find_matches_by_tier(
+        self, model: str, block_hashes: Sequence[int], worker_ids: Sequence[str] | None = None
+    ) -> list[TierMatch]:
+        """``find_matches``, each match split by tier (one round trip): of a worker's matched
+        leading blocks, how many it holds only in host memory or only on disk."""
+        check_query(model, block_hashes, worker_ids)
+        if not block_hashes:
+            return []
+        args = [f"{self._blk_root}{model}:", _hex_chain(block_hashes), *dict.fromkeys(worker_ids or ())]
+        flat = await self._find_by_tier(keys=[self._tier_root], args=args)
+        matches = [TierMatch(_text(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+                   for i in range(0, len(flat), 4)]
+        matches.sort(key=lambda match: (-match.matched_blocks, match.worker_id))
+        return matches
+
     async def purge(self, worker_id: str) -> int:
         """Forget a worker and every block it held (it left the mesh); returns blocks removed.
 
         An unknown worker is not an error: purge after lease loss may race a second purge.
         """
         check_worker_id(worker_id)
-        removed = int(await self._purge(keys=self._worker_keys(worker_id), args=[self._blk_root, worker_id]))
+        keys = [*self._worker_keys(worker_id), f"{self._tier_root}{worker_id}"]
+        removed = int(await self._purge(keys=keys, args=[self._blk_root, worker_id]))
         if self._on_change is not None:
             self._on_change(KvEventBatch(worker_id=worker_id, resync=True, events=[KvEvent(cleared=AllCleared())]))
         return removed
 
     async def snapshot_batch(self, worker: RegisteredWorker) -> KvEventBatch:
-        """What ``worker`` holds, as the resync batch that would rebuild it from nothing."""
-        members = await self._redis.smembers(self._worker_keys(worker.worker_id)[2])
-        stored = BlockStored(block_hashes=[int(member, 16) for member in members])
+        """What ``worker`` holds, as the resync batch that would rebuild it from nothing: one
+        ``BlockStored`` per tier holding something."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.smembers(self._worker_keys(worker.worker_id)[2])
+            pipe.hgetall(f"{self._tier_root}{worker.worker_id}")
+            members, masks = await pipe.execute()
+        by_tier: dict[int, list[int]] = {}
+        for member in members:
+            mask = int(masks.get(member, 1))  # no entry: on the device only
+            for tier in range(mask.bit_length()):
+                if mask >> tier & 1:
+                    by_tier.setdefault(tier, []).append(int(member, 16))
+        stored = [KvEvent(stored=BlockStored(block_hashes=hashes, tier=tier))
+                  for tier, hashes in sorted(by_tier.items())]
         return KvEventBatch(worker_id=worker.worker_id, model=worker.model, seq=worker.last_seq, resync=True,
-                            events=[KvEvent(cleared=AllCleared()), KvEvent(stored=stored)])  # fmt: skip
+                            events=[KvEvent(cleared=AllCleared()), *stored])  # fmt: skip
 
     async def workers(self) -> list[RegisteredWorker]:
         """Every known worker, sorted by id."""
@@ -366,10 +471,11 @@ def _event_args(batch: KvEventBatch) -> tuple[list[str], int]:
         if kind == "cleared":
             args += ["c", ""]
             continue
-        hashes = getattr(event, kind).block_hashes
-        args += [_EVENT_OPS[kind], _hex_chain(hashes)]
+        body = getattr(event, kind)
+        op = _EVENT_OPS[kind] + (str(body.tier) if body.tier else "")
+        args += [op, _hex_chain(body.block_hashes)]
         if kind == "stored":
-            stored += len(hashes)
+            stored += len(body.block_hashes)
     return args, stored
 
 

@@ -99,6 +99,8 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
             with tracer().start_as_current_span("kvstore.FindMatches", incoming_context(context), SpanKind.SERVER,
                                                 attributes={"kvmesh.blocks": len(request.block_hashes)}), \
                     metrics.FIND_MATCHES_SECONDS.time():  # fmt: skip
+                if request.by_tier:
+                    return await self._find_matches_by_tier(request)
                 matches = await self.registry.find_matches(
                     request.model, list(request.block_hashes), list(request.worker_ids) or None
                 )
@@ -107,6 +109,16 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
         return kvstore_pb2.FindMatchesResponse(
             matches=[kvstore_pb2.WorkerMatch(worker_id=w, matched_blocks=n) for w, n in matches]
         )
+
+    async def _find_matches_by_tier(self, request: kvstore_pb2.FindMatchesRequest) -> kvstore_pb2.FindMatchesResponse:
+        matches = await self.registry.find_matches_by_tier(
+            request.model, list(request.block_hashes), list(request.worker_ids) or None
+        )
+        return kvstore_pb2.FindMatchesResponse(matches=[
+            kvstore_pb2.WorkerMatch(worker_id=m.worker_id, matched_blocks=m.matched_blocks, host_blocks=m.host_blocks,
+                                    disk_blocks=m.disk_blocks)
+            for m in matches
+        ])
 
     async def Purge(
         self, request: kvstore_pb2.PurgeRequest, context: grpc.aio.ServicerContext

@@ -69,6 +69,11 @@ def check_query(model: str, block_hashes: Sequence[int], worker_ids: Sequence[st
             check_worker_id(worker_id, "worker_ids entry")
 
 
+# Tiers are bits of a per-block mask in the index: 0 device, 1 host memory, 2 local disk, the
+# rest room for more (a shared kvstore tier).
+MAX_TIER = 7
+
+
 def check_batch(batch: KvEventBatch) -> None:
     """A publishable batch: who sent it, for which model, and events that say something."""
     if not batch.worker_id:
@@ -83,6 +88,9 @@ def check_batch(batch: KvEventBatch) -> None:
         if kind is None:
             raise InvalidInput(f"events[{index}] has no payload (stored, removed or cleared)")
         if kind != "cleared":
-            total += len(getattr(event, kind).block_hashes)
+            body = getattr(event, kind)
+            if body.tier > MAX_TIER:
+                raise InvalidInput(f"events[{index}] names tier {body.tier}; tiers are 0 (device) to {MAX_TIER}")
+            total += len(body.block_hashes)
     if total > MAX_BATCH_BLOCKS:
         raise InvalidInput(f"batch carries {total} block hashes; split it (at most {MAX_BATCH_BLOCKS})")

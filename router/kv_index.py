@@ -28,6 +28,7 @@ from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
 from router.metrics import KV_ROUTING_DEGRADED
 from router.prefix_index import PrefixIndex
+from router.scoring import PrefixOverlap
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ class KvIndexClient:
             self.index.clear()
             await asyncio.sleep(_RETRY_S)
 
-    async def find_overlaps(self, model: str, block_hashes: list[int]) -> dict[str, int] | None:
-        """Leading blocks of ``block_hashes`` each worker holds; None when the index can't say."""
+    async def find_overlaps(self, model: str, block_hashes: list[int]) -> dict[str, PrefixOverlap] | None:
+        """Leading blocks of ``block_hashes`` each worker holds (split by KV tier); None when the
+        index can't say."""
         if not block_hashes:
             return {}
         if self.following:
@@ -137,14 +139,15 @@ class KvIndexClient:
         if stub is None:
             self._set_degraded("no_kvstore")
             return None
-        request = kvstore_pb2.FindMatchesRequest(model=model, block_hashes=block_hashes)
+        request = kvstore_pb2.FindMatchesRequest(model=model, block_hashes=block_hashes, by_tier=True)
         try:
             reply = await stub.FindMatches(request, timeout=self._timeout_s, metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as exc:
             self._set_degraded(_reason_of(exc))
             return None
         self._answered()
-        return {match.worker_id: match.matched_blocks for match in reply.matches}
+        return {match.worker_id: PrefixOverlap(match.matched_blocks, match.host_blocks, match.disk_blocks)
+                for match in reply.matches}
 
     async def _probe_loop(self) -> None:
         """Keep ``degraded_reason`` true for an idle router too (``kvmesh status``)."""

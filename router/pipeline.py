@@ -28,7 +28,16 @@ from router.kv_index import KvIndexClient
 from router.migration import MIGRATABLE, Attempt, Resume, continuation_request
 from router.request_limits import check_input_limits, check_max_tokens
 from router.request_trace import RecentRequests, RouterRequestTrace
-from router.scoring import Candidate, RoundRobin, choose_decode, choose_kv, rank_by_cost
+from router.scoring import (
+    Candidate,
+    PrefixOverlap,
+    RoundRobin,
+    TierWeights,
+    candidate,
+    choose_decode,
+    choose_kv,
+    rank_by_cost,
+)
 from router.text_stream import TextStream
 from router.tokenizers import TokenizerCache
 from router.worker_pool import WorkerPool, WorkerState
@@ -275,7 +284,7 @@ class RouterCore:
             return worker, RouteInfo(worker.worker_id, mode, 0, len(hashes))
         overlaps = await self.kv_index.find_overlaps(info.model, hashes)
         decision = choose_kv(_candidates(workers, overlaps), len(hashes), self.settings.overlap_weight,
-                             self.settings.router_temperature, self._rng)  # fmt: skip
+                             self.settings.router_temperature, self._rng, _tier_weights(self.settings))  # fmt: skip
         route_mode = "kv" if overlaps is not None else "kv-load-only"
         return self.pool.workers[decision.worker_id], RouteInfo(
             decision.worker_id, route_mode, decision.prefix_overlap, len(hashes), runner_up_cost=decision.runner_up_cost
@@ -297,9 +306,9 @@ class RouterCore:
                                      runner_up_cost=decode.runner_up_cost)  # fmt: skip
         candidates = _candidates(prefills, overlaps)
         prefill = choose_kv(candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature,
-                            self._rng)  # fmt: skip
+                            self._rng, _tier_weights(self.settings))  # fmt: skip
         others = rank_by_cost([c for c in candidates if c.worker_id != prefill.worker_id], len(hashes),
-                              self.settings.overlap_weight)  # fmt: skip
+                              self.settings.overlap_weight, _tier_weights(self.settings))  # fmt: skip
         route = RouteInfo(worker.worker_id, "disagg-remote", prefill.prefix_overlap, len(hashes),
                           self.pool.workers[prefill.worker_id], [self.pool.workers[w] for w in others],
                           prefill.runner_up_cost)  # fmt: skip
@@ -435,9 +444,13 @@ class RouterCore:
         return checked
 
 
-def _candidates(workers: list[WorkerState], overlaps: dict[str, int] | None) -> list[Candidate]:
-    return [Candidate(w.worker_id, (overlaps or {}).get(w.worker_id, 0), w.active_blocks, w.waiting_requests)
+def _candidates(workers: list[WorkerState], overlaps: dict[str, PrefixOverlap] | None) -> list[Candidate]:
+    return [candidate(w.worker_id, (overlaps or {}).get(w.worker_id), w.active_blocks, w.waiting_requests)
             for w in workers]  # fmt: skip
+
+
+def _tier_weights(settings: RouterSettings) -> TierWeights:
+    return TierWeights(settings.host_tier_weight, settings.disk_tier_weight)
 
 
 def _check_sampling_ranges(sampling: common_pb2.SamplingParams) -> None:

@@ -196,3 +196,4 @@ class AsyncEngine:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout)
+        self.engine.close()

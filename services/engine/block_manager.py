@@ -4,6 +4,10 @@ Blocks are refcounted. A full, computed block is named by its chained hash and s
 ``hash_to_block`` after its last user leaves (cached, evictable, least-recently-freed first),
 so a later request with the same prefix reuses it without recomputing. Only the pool's
 owner (the engine) touches the tensors; this class only moves integers.
+
+With lower tiers (``kv_tiers.LowerTiers``), a named block is demoted there when its pool
+slot is reused, and a prefix match that runs out of pool blocks continues through them,
+promoting each block it finds back into the pool (the tiers copy the bytes).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections import OrderedDict, deque
 
 from kvmesh.hashing import block_hash
 from services.engine.kv_events import BlockRemoved, BlockStored, KvEvent
+from services.engine.kv_tiers import LowerTiers
 from services.engine.sequence import Sequence
 
 
@@ -25,8 +30,10 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 tiers: LowerTiers | None = None) -> None:
         self.block_size = block_size
+        self.tiers = tiers if enable_prefix_caching else None
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_to_block: dict[int, int] = {}
@@ -60,6 +67,10 @@ class BlockManager:
         """Every hash this pool can serve now (in use or evictable), for a full resync."""
         return list(self.hash_to_block)
 
+    def lower_tier_hashes(self) -> dict[int, list[int]]:
+        """Hashes held per lower tier (none without tiers), for a full resync."""
+        return self.tiers.held() if self.tiers is not None else {}
+
     # --- allocation -------------------------------------------------------------------------
     def _take(self) -> int:
         if self.empty:
@@ -69,6 +80,8 @@ class BlockManager:
             block = self.blocks[block_id]
             del self.hash_to_block[block.block_hash]
             self.pending_events.append(BlockRemoved((block.block_hash,)))
+            if self.tiers is not None:
+                self.tiers.demote(block.block_hash, block_id)
             block.block_hash = None
         self.blocks[block_id].ref_count = 1
         return block_id
@@ -100,8 +113,34 @@ class BlockManager:
             seq.block_table.append(block_id)
             hashes.append(h)
             parent = h
+        else:
+            h = None
+        if h is not None and self.tiers is not None:
+            self._promote_chain(seq, hashes, h, max_blocks)
         seq.block_hashes = hashes
         seq.num_computed_tokens = len(hashes) * bs
+
+    def _promote_chain(self, seq: Sequence, hashes: list[int], h: int, max_blocks: int) -> None:
+        """Continue a match at ``h``, the first hash the pool lacks, through the lower tiers: each
+        block found there is copied into a pool block and named, until the chain breaks, a copy
+        fails its check or the pool has no free block."""
+        bs = self.block_size
+        while self.tiers.tier_of(h) is not None and self.num_free:
+            parent = hashes[-1] if hashes else None
+            block_id = self._take()
+            if not self.tiers.promote(h, block_id):
+                self.blocks[block_id].ref_count = 0
+                self.empty.append(block_id)
+                return
+            self.blocks[block_id].block_hash = h
+            self.hash_to_block[h] = block_id
+            self.pending_events.append(BlockStored((h,), parent))
+            seq.block_table.append(block_id)
+            hashes.append(h)
+            i = len(hashes)
+            if i >= max_blocks:
+                return
+            h = block_hash(seq.token_ids[i * bs : (i + 1) * bs], h)
 
     def cached_prefix_length(self, token_ids: list[int]) -> int:
         """How many leading full blocks of ``token_ids`` this pool holds now (read-only)."""
@@ -182,5 +221,6 @@ class BlockManager:
         return len(dropped)
 
     def take_events(self) -> list[KvEvent]:
+        """Pending events, the pool's (tier 0) then the lower tiers'; each tier's own order is kept."""
         events, self.pending_events = self.pending_events, []
-        return events
+        return events + self.tiers.take_events() if self.tiers is not None else events

@@ -19,6 +19,9 @@ class EngineConfig:
     ``random:<preset>`` (``random:tiny``, ``random:smollm2-135m``, ``random:llama-3-8b``).
     ``num_kv_blocks``: pool size; ``None`` derives it from ``kv_cache_memory_bytes``.
     ``max_model_len``: ``None`` takes the model's context length.
+    ``host_cache_bytes`` / ``disk_cache_bytes``: lower KV tiers (G2 host memory, G3 files in
+    ``disk_cache_dir``) that evicted pool blocks move to; 0 = that tier is off (the default
+    here; the worker service turns both on).
     """
 
     model: str = DEFAULT_MODEL
@@ -33,6 +36,9 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     enable_prefix_caching: bool = True
+    host_cache_bytes: int = 0
+    disk_cache_bytes: int = 0
+    disk_cache_dir: str | None = None
     # "mock": the model runner is replaced by a timed stand-in (services/engine/mock_runner.py)
     # whose step times come from the timing profile ``mock_profile`` (a shipped name or a path).
     engine: str = "real"
@@ -61,5 +67,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.engine not in ("real", "mock"):
             raise ValueError(f"engine must be 'real' or 'mock', got {self.engine!r}")
+        if self.host_cache_bytes < 0 or self.disk_cache_bytes < 0:
+            raise ValueError("host_cache_bytes and disk_cache_bytes must be >= 0")
+        if self.disk_cache_bytes and not self.disk_cache_dir:
+            raise ValueError("disk_cache_bytes needs a disk_cache_dir")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError("num_threads must be positive")

@@ -7,14 +7,17 @@ them, validates requests, applies stop rules and publishes KV events.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventCallback
+from services.engine.kv_tiers import TIER_DISK, TIER_HOST, LowerTiers
 from services.engine.kv_transfer import KvExport, read_blocks, write_blocks
 from services.engine.loader import load_model, load_model_config
 from services.engine.mock_runner import MockRunner
@@ -45,6 +48,11 @@ class EngineStats:
     blocks_free: int
     prefix_hit_tokens: int
     preemptions: int
+    # Lower tiers: blocks held now, and blocks promoted back into the pool instead of recomputed.
+    host_blocks: int = 0
+    disk_blocks: int = 0
+    host_hit_blocks: int = 0
+    disk_hit_blocks: int = 0
 
 
 class Engine:
@@ -69,11 +77,12 @@ class Engine:
                                  num_blocks * config.block_size)
         self.vocab_size = mcfg.vocab_size
         self.eos_token_ids = set(mcfg.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else []))
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = (create_runner(model, num_blocks, config.block_size, self.max_model_len, config.max_num_seqs)
                        if model is not None
                        else MockRunner(mcfg, num_blocks, config.block_size, TimingProfile.load(config.mock_profile)))
+        self.tiers = self._lower_tiers()
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.tiers)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
@@ -81,6 +90,19 @@ class Engine:
         self._event_seq = 0
         self._kv_event_callback = kv_event_callback
         self._publish([AllCleared()])
+        self._flush_events()  # blocks an earlier run left in the disk tier
+
+    def _lower_tiers(self) -> LowerTiers | None:
+        """G2/G3 behind the pool, or None when both are off (or prefix caching is, or the engine
+        is the mock, whose pool holds no real bytes)."""
+        c = self.config
+        if not (c.host_cache_bytes or c.disk_cache_bytes) or not c.enable_prefix_caching or c.engine == "mock":
+            return None
+        # One directory per model, dtype and block size: a block file is only ever read back
+        # into a pool of exactly its shape and meaning.
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.model_id}-{c.dtype}-bs{c.block_size}")
+        disk_dir = Path(c.disk_cache_dir) / name if c.disk_cache_bytes else None
+        return LowerTiers(self.runner.kv_cache, c.host_cache_bytes, c.disk_cache_bytes, disk_dir)
 
     # --- requests ---------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: Seq[int], sampling: SamplingParams) -> list[int]:
@@ -302,10 +324,10 @@ class Engine:
         return self.blocks.cached_block_hashes()
 
     def resync_events(self) -> list[KvEvent]:
-        """A full snapshot: ``AllCleared`` then one ``BlockStored`` of every held hash (not one chain:
-        its ``parent_hash`` is None and the order carries no meaning)."""
-        hashes = self.cached_block_hashes()
-        return [AllCleared(), BlockStored(tuple(hashes), None)] if hashes else [AllCleared()]
+        """A full snapshot: ``AllCleared`` then one ``BlockStored`` per tier of every hash it holds
+        (not one chain: its ``parent_hash`` is None and the order carries no meaning)."""
+        held = {0: self.cached_block_hashes(), **self.blocks.lower_tier_hashes()}
+        return [AllCleared()] + [BlockStored(tuple(hashes), None, tier) for tier, hashes in held.items() if hashes]
 
     def reset_prefix_cache(self) -> int:
         """Drop every evictable cached block (emits BlockRemoved); returns how many."""
@@ -315,11 +337,21 @@ class Engine:
 
     # --- introspection and convenience ------------------------------------------------------
     def stats(self) -> EngineStats:
-        b = self.blocks
-        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           blocks_total=b.num_blocks, blocks_used=b.num_used, blocks_cached=b.num_cached,
-                           blocks_free=b.num_free - b.num_cached, prefix_hit_tokens=b.prefix_hit_tokens,
-                           preemptions=self.scheduler.num_preemptions)
+        b, t = self.blocks, self.tiers
+        stats = EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                            blocks_total=b.num_blocks, blocks_used=b.num_used, blocks_cached=b.num_cached,
+                            blocks_free=b.num_free - b.num_cached, prefix_hit_tokens=b.prefix_hit_tokens,
+                            preemptions=self.scheduler.num_preemptions)
+        if t is not None:
+            stats.host_blocks = len(t.host) if t.host is not None else 0
+            stats.disk_blocks = len(t.disk) if t.disk is not None else 0
+            stats.host_hit_blocks, stats.disk_hit_blocks = t.hit_blocks[TIER_HOST], t.hit_blocks[TIER_DISK]
+        return stats
+
+    def close(self) -> None:
+        """Finish the disk tier's queued writes (a restarted worker finds every demoted block)."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def generate(self, prompts: Seq[Seq[int] | str], sampling: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:

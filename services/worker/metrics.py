@@ -15,7 +15,8 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 INFO = Gauge("kvmesh_worker_info", "Always 1; labels name the worker", ["worker_id", "role", "model"])
 RUNNING = Gauge("kvmesh_worker_running_requests", "Requests being computed")
 WAITING = Gauge("kvmesh_worker_waiting_requests", "Requests queued in the engine")
-KV_BLOCKS = Gauge("kvmesh_worker_kv_blocks", "KV blocks in the pool by state (used, cached, total)", ["state"])
+KV_BLOCKS = Gauge("kvmesh_worker_kv_blocks", (
+    "KV blocks by state: used, cached, total (device pool); host, disk (lower tiers)"), ["state"])
 PREFIX_HIT_RATE = Gauge("kvmesh_worker_prefix_hit_rate", "Prompt tokens served from the prefix cache / all")
 PREEMPTIONS = Counter("kvmesh_worker_preemptions_total", "Sequences preempted because the KV pool ran dry")
 REQUESTS = Counter("kvmesh_worker_requests_total", "Requests finished, by how the prompt was prefilled", ["path"])
@@ -41,6 +42,8 @@ def observe_stats(stats: worker_pb2.WorkerStats) -> None:
     KV_BLOCKS.labels("used").set(stats.kv_blocks_used)
     KV_BLOCKS.labels("cached").set(stats.kv_blocks_cached)
     KV_BLOCKS.labels("total").set(stats.kv_blocks_total)
+    KV_BLOCKS.labels("host").set(stats.kv_blocks_host)
+    KV_BLOCKS.labels("disk").set(stats.kv_blocks_disk)
     PREFIX_HIT_RATE.set(stats.prefix_hit_rate)
     if stats.preemptions > _preemptions_seen:
         PREEMPTIONS.inc(stats.preemptions - _preemptions_seen)

@@ -44,6 +44,8 @@ def engine_config(settings: WorkerSettings) -> EngineConfig:
         extra["num_threads"] = 1  # it only fills small tensors: more threads would just contend
     return EngineConfig(model=settings.model or DEFAULT_MODEL, dtype=settings.dtype, device=settings.device,
                         block_size=settings.block_size, engine=settings.engine, mock_profile=settings.mock_profile,
+                        host_cache_bytes=int(settings.host_cache_gb * 2**30),
+                        disk_cache_bytes=int(settings.disk_cache_gb * 2**30), disk_cache_dir=settings.disk_cache_dir,
                         **extra)  # type: ignore[arg-type]
 
 

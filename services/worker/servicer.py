@@ -197,6 +197,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             unix_ms=int(taken_s * 1000),
             role=self.role,
             busy_ms=int(self.engine.busy_s * 1000),
+            kv_blocks_host=s.host_blocks,
+            kv_blocks_disk=s.disk_blocks,
+            host_hit_blocks=s.host_hit_blocks,
+            disk_hit_blocks=s.disk_hit_blocks,
         )
         observe_stats(report)
         return report

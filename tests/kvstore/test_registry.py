@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from kvmesh.hashing import block_hashes
 from kvmesh.local_stores import StoreProcess
 from kvmesh_proto.v1.kvstore_pb2 import AllCleared, BlockRemoved, BlockStored, KvEvent, KvEventBatch
-from kvstore.registry import BlockRegistry, RegisteredWorker
+from kvstore.registry import BlockRegistry, RegisteredWorker, TierMatch
 from kvstore.validation import MAX_BATCH_BLOCKS, MAX_QUERY_BLOCKS, InvalidInput, ModelMismatch
 
 MODEL = "smollm2-135m@main"
@@ -383,3 +383,62 @@ async def test_the_longest_accepted_query_is_answered(registry):
 async def test_purge_rejects_an_odd_worker_id(registry, worker_id):
     with pytest.raises(InvalidInput, match="worker_id"):
         await registry.purge(worker_id)
+
+
+# --- KV tiers: a block stays matched while its worker holds it in any tier, and a by-tier
+# match says how much of the overlap is a copy to promote rather than a device hit.
+
+HOST, DISK = 1, 2
+CHAIN = block_hashes(SYSTEM_PROMPT)  # 4 blocks
+
+
+def stored_in(tier: int, hashes: list[int]) -> KvEvent:
+    return KvEvent(stored=BlockStored(block_hashes=hashes, tier=tier))
+
+
+def removed_from(tier: int, hashes: list[int]) -> KvEvent:
+    return KvEvent(removed=BlockRemoved(block_hashes=hashes, tier=tier))
+
+
+async def test_a_block_moving_down_and_back_up_stays_matched_with_its_tier(registry: BlockRegistry):
+    await registry.apply_batch(batch("w1", 1, stored(CHAIN)))
+    # The pool evicts the last two blocks to host memory (the engine's order: pool events first).
+    await registry.apply_batch(batch("w1", 2, KvEvent(removed=BlockRemoved(block_hashes=CHAIN[2:])),
+                                     stored_in(HOST, CHAIN[2:])))
+    assert await registry.find_matches_by_tier(MODEL, CHAIN) == [TierMatch("w1", 4, 2, 0)]
+    # Host memory spills the last one to disk; then the third is promoted back to the device.
+    await registry.apply_batch(batch("w1", 3, removed_from(HOST, CHAIN[3:]), stored_in(DISK, CHAIN[3:])))
+    await registry.apply_batch(batch("w1", 4, stored(CHAIN[2:3]), removed_from(HOST, CHAIN[2:3])))
+    assert await registry.find_matches_by_tier(MODEL, CHAIN) == [TierMatch("w1", 4, 0, 1)]
+    assert await registry.find_matches(MODEL, CHAIN) == [("w1", 4)]
+    # Gone from its last tier: the chain ends before it.
+    await registry.apply_batch(batch("w1", 5, removed_from(DISK, CHAIN[3:])))
+    assert await registry.find_matches_by_tier(MODEL, CHAIN) == [TierMatch("w1", 3, 0, 0)]
+
+
+async def test_a_block_on_the_device_counts_as_a_device_hit_whatever_else_holds_it(registry: BlockRegistry):
+    await registry.apply_batch(batch("w1", 1, stored(CHAIN), stored_in(DISK, CHAIN)))
+    await registry.apply_batch(batch("w2", 1, stored_in(HOST, CHAIN[:2]), stored_in(DISK, CHAIN)))
+    assert await registry.find_matches_by_tier(MODEL, CHAIN) == [TierMatch("w1", 4, 0, 0), TierMatch("w2", 4, 2, 2)]
+    assert await registry.find_matches_by_tier(MODEL, CHAIN, ["w2"]) == [TierMatch("w2", 4, 2, 2)]
+
+
+async def test_tier_records_vanish_with_the_blocks(registry: BlockRegistry, redis_server: StoreProcess,
+                                                   namespace: str):
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    await registry.apply_batch(batch("w0", 1, stored(CHAIN)))
+    assert namespace_keys(client, namespace, "wtier:*") == []  # untiered workers write nothing extra
+    await registry.apply_batch(batch("w1", 1, stored_in(HOST, CHAIN)))
+    await registry.apply_batch(batch("w2", 1, stored_in(DISK, CHAIN)))
+    assert len(namespace_keys(client, namespace, "wtier:*")) == 2
+    # A resync keeps only what the snapshot names; a purge forgets the worker.
+    await registry.apply_batch(batch("w1", 9, stored(CHAIN), resync=True))
+    await registry.purge("w2")
+    assert namespace_keys(client, namespace, "wtier:*") == []
+    assert await registry.find_matches_by_tier(MODEL, CHAIN) == [TierMatch("w0", 4, 0, 0), TierMatch("w1", 4, 0, 0)]
+    client.close()
+
+
+async def test_an_unknown_tier_is_refused(registry: BlockRegistry):
+    with pytest.raises(InvalidInput, match="tier 8"):
+        await registry.apply_batch(batch("w1", 1, stored_in(8, CHAIN)))

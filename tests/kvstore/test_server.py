@@ -17,6 +17,7 @@ from kvmesh.hashing import block_hashes
 from kvmesh.local_stores import child_env
 from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from router.kv_index import KvIndexClient
+from router.scoring import PrefixOverlap
 
 MODEL = "SmolLM2-135M-Instruct@test"
 SYSTEM_PROMPT = list(range(1000, 1064))  # four full blocks shared by both conversations
@@ -147,12 +148,14 @@ async def test_a_router_follows_the_index_snapshot_then_live_changes(kvstore_ns,
         await follower.start()
         try:
             await _until(lambda: follower.following, "the router never finished the index snapshot")
-            assert follower.index.overlaps(MODEL, block_hashes(CHAT_A)) == await matches(stub, CHAT_A)
+            assert {w: o.blocks for w, o in follower.index.overlaps(MODEL, block_hashes(CHAT_A)).items()} == \
+                await matches(stub, CHAT_A)
 
             await publish(stub, [stored(1, "w-late", CHAT_B)])  # a live change
-            await _until(lambda: follower.index.overlaps(MODEL, block_hashes(CHAT_B)).get("w-late") == 6,
+            await _until(lambda: follower.index.overlaps(MODEL, block_hashes(CHAT_B)).get("w-late") == PrefixOverlap(6),
                          "a change applied by the kvstore never reached the router")  # fmt: skip
-            assert await follower.find_overlaps(MODEL, block_hashes(CHAT_B)) == await matches(stub, CHAT_B)
+            found = await follower.find_overlaps(MODEL, block_hashes(CHAT_B))
+            assert {w: o.blocks for w, o in found.items()} == await matches(stub, CHAT_B)
 
             await stub.Purge(kvstore_pb2.PurgeRequest(worker_id="w-early"))
             await _until(lambda: "w-early" not in follower.index.overlaps(MODEL, block_hashes(CHAT_A)),

@@ -6,13 +6,27 @@ import random
 
 import pytest
 
-from router.scoring import Candidate, RoundRobin, choose_kv, rank_by_cost, worker_cost
+from router.scoring import Candidate, RoundRobin, TierWeights, choose_kv, rank_by_cost, worker_cost
 
 
 def test_cost_is_blocks_to_prefill_plus_decode_load():
     worker = Candidate("w", prefix_overlap=6, active_blocks=10, waiting_requests=1)
     assert worker_cost(worker, prompt_blocks=8, overlap_weight=1.0) == 2 + 10 + 8
     assert worker_cost(worker, prompt_blocks=8, overlap_weight=2.0) == 4 + 10 + 8
+
+
+def test_a_lower_tier_hit_costs_more_than_a_device_hit_and_less_than_a_recompute():
+    weights = TierWeights(host=0.1, disk=0.25)
+    device = Candidate("device", prefix_overlap=8, active_blocks=0)
+    host = Candidate("host", prefix_overlap=8, active_blocks=0, host_overlap=8)
+    disk = Candidate("disk", prefix_overlap=8, active_blocks=0, disk_overlap=8)
+    cold = Candidate("cold", prefix_overlap=0, active_blocks=0)
+    costs = [worker_cost(c, 10, 1.0, weights) for c in (device, host, disk, cold)]
+    assert costs == [2, 2 + 0.8, 2 + 2, 10]
+    assert choose_kv([cold, disk, host, device], 10, tier_weights=weights).worker_id == "device"
+    assert rank_by_cost([cold, disk, host, device], 10, tier_weights=weights) == ["device", "host", "disk", "cold"]
+    # Without weights a copy is free: the pre-tier cost.
+    assert worker_cost(disk, 10, 1.0) == worker_cost(device, 10, 1.0)
 
 
 def test_longest_prefix_wins_when_load_is_equal():

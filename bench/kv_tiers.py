@@ -1,0 +1,169 @@
+"""KV tiers: TTFT of a multi-turn workload whose working set is 4× the device pool.
+
+``python -m bench.kv_tiers`` runs the real engine in-process on ``--conversations`` chats that
+take turns (each turn: the whole history, a new user message, a short reply), so between two
+turns of one chat the others push its blocks out of the device pool. The same workload runs
+with tiers off (every turn recomputes its history), G2 only (host memory of one pool's size)
+and G2+G3 (the same host memory, then disk), one after the other in this process. TTFT is
+from ``add_request`` to the request's first token (promotions and demotions included);
+the first turn of each chat has nothing to reuse and is left out of the percentiles.
+
+It also times, per block, what the router's tier weights compare: a prefill's compute, a
+host-memory promotion and a disk read (page cache warm: the file was just written), and
+prints the weights those give (copy time / compute time). Writes JSON (``--out``) and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.registry import percentile
+from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine.kv_tier_files import read_block_file, write_block_file
+from services.engine.kv_transfer import tensor_from_bytes
+
+REPLY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def conversations(rng: np.random.Generator, count: int, opening: int, turns: int,
+                  message: int) -> list[list[list[int]]]:
+    """Per chat, the user messages of each turn (the first one carries the chat's own opening)."""
+    return [[rng.integers(100, 40_000, opening if t == 0 else message).tolist() for t in range(turns)]
+            for _ in range(count)]
+
+
+def first_token_s(engine: Engine, request_id: str, prompt: list[int]) -> tuple[float, list[int], int]:
+    """Run one request to completion; its TTFT, its output and its cached prompt tokens."""
+    start = time.perf_counter()
+    engine.add_request(request_id, prompt, REPLY)
+    ttft, tokens, cached = None, [], 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            tokens += out.new_token_ids
+            cached = out.num_cached_tokens
+    return ttft, tokens, cached
+
+
+def run_workload(engine: Engine, chats: list[list[list[int]]]) -> dict:
+    histories: list[list[int]] = [[] for _ in chats]
+    ttfts, cached, prompt_tokens = [], 0, 0
+    for turn in range(len(chats[0])):
+        for c, chat in enumerate(chats):
+            prompt = histories[c] + chat[turn]
+            ttft, reply, hit = first_token_s(engine, f"c{c}-t{turn}", prompt)
+            histories[c] = prompt + reply
+            if turn:
+                ttfts.append(ttft)
+                cached += hit
+                prompt_tokens += len(prompt)
+    s = engine.stats()
+    return {"ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90), "requests": len(ttfts),
+            "cached_token_ratio": cached / max(prompt_tokens, 1), "host_hit_blocks": s.host_hit_blocks,
+            "disk_hit_blocks": s.disk_hit_blocks, "outputs": histories}
+
+
+def block_costs(engine: Engine, prompt: list[int], disk_dir: Path, runs: int) -> dict:
+    """Seconds per block: prefill compute (a cold prompt), host promotion, disk read + upload."""
+    bs = engine.config.block_size
+    blocks = (len(prompt) - 1) // bs
+    compute = []
+    for i in range(runs):
+        engine.reset_prefix_cache()
+        compute.append(first_token_s(engine, f"cost-{i}", prompt)[0] / blocks)
+    pool = engine.runner.kv_cache
+    block = pool[:, :, 0].clone()
+    host = torch.empty_like(block, pin_memory=pool.is_cuda)
+    host_copy, disk_read = [], []
+    nbytes = block.numel() * block.element_size()
+    for i in range(runs):
+        t = time.perf_counter()
+        host.copy_(pool[:, :, 1])
+        pool[:, :, 1].copy_(host)
+        host_copy.append((time.perf_counter() - t) / 2)
+        write_block_file(disk_dir, i, block)
+        t = time.perf_counter()
+        data = tensor_from_bytes(read_block_file(disk_dir, i, nbytes), str(block.dtype).removeprefix("torch."),
+                                 list(block.shape))
+        pool[:, :, 1].copy_(data)
+        disk_read.append(time.perf_counter() - t)
+    result = {"compute_s": statistics.median(compute), "host_copy_s": statistics.median(host_copy),
+              "disk_read_s": statistics.median(disk_read), "block_bytes": nbytes}
+    result["host_weight"] = result["host_copy_s"] / result["compute_s"]
+    result["disk_weight"] = result["disk_read_s"] / result["compute_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.kv_tiers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool-blocks", type=int, default=40, help="device pool (G1) blocks")
+    parser.add_argument("--conversations", type=int, default=6)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--opening-tokens", type=int, default=192)
+    parser.add_argument("--message-tokens", type=int, default=40)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", type=int, default=5, help="repeats of each per-block cost")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/reports/kv-tiers.json"))
+    args = parser.parse_args(argv)
+
+    chats = conversations(np.random.default_rng(args.seed), args.conversations, args.opening_tokens, args.turns,
+                          args.message_tokens)
+    final_tokens = args.opening_tokens + (args.turns - 1) * args.message_tokens + args.turns * REPLY.max_tokens
+    working_set = args.conversations * final_tokens // 16
+    base = dict(dtype=args.dtype, device=args.device, num_kv_blocks=args.pool_blocks, max_num_seqs=4)
+    probe = Engine(EngineConfig(**base))
+    block_bytes = probe.runner.kv_cache[:, :, 0].numel() * probe.runner.kv_cache.element_size()
+    pool_bytes = args.pool_blocks * block_bytes
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="kvmesh-bench-tiers-") as scratch:
+        costs = block_costs(probe, chats[0][0] + chats[0][1], Path(scratch), args.runs)
+        del probe
+        configs = {
+            "tiers off": {},
+            "G2 only": {"host_cache_bytes": pool_bytes},
+            "G2+G3": {"host_cache_bytes": pool_bytes, "disk_cache_bytes": 8 * pool_bytes,
+                      "disk_cache_dir": os.path.join(scratch, "g3")},
+        }
+        results = {}
+        for name, tiers in configs.items():
+            engine = Engine(EngineConfig(**base, **tiers))
+            results[name] = run_workload(engine, chats)
+            engine.close()
+    outputs = {name: r.pop("outputs") for name, r in results.items()}
+    report = {
+        "pool_blocks": args.pool_blocks, "working_set_blocks": working_set, "block_bytes": block_bytes,
+        "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "load_average": [load_before, os.getloadavg()[0]], "block_costs": costs, "runs": results,
+        "outputs_identical": all(o == outputs["tiers off"] for o in outputs.values()),
+        "peer_fetch": "not built",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"pool {args.pool_blocks} blocks, working set {working_set} blocks ({working_set / args.pool_blocks:.1f}×), "
+          f"{args.device} {args.dtype}, load {load_before:.1f}→{os.getloadavg()[0]:.1f}")
+    print(f"{'config':<10} {'TTFT p50':>9} {'TTFT p90':>9} {'cached':>7} {'G2 hits':>8} {'G3 hits':>8}")
+    off = results["tiers off"]["ttft_p50_s"]
+    for name, r in results.items():
+        print(f"{name:<10} {r['ttft_p50_s'] * 1000:>7.1f}ms {r['ttft_p90_s'] * 1000:>7.1f}ms "
+              f"{r['cached_token_ratio']:>7.0%} {r['host_hit_blocks']:>8} {r['disk_hit_blocks']:>8}"
+              f"   p50 {r['ttft_p50_s'] / off:.2f}× off")
+    print(f"per block: compute {costs['compute_s'] * 1e3:.2f}ms, host copy {costs['host_copy_s'] * 1e3:.3f}ms "
+          f"(weight {costs['host_weight']:.3f}), disk read {costs['disk_read_s'] * 1e3:.3f}ms "
+          f"(weight {costs['disk_weight']:.3f}); outputs identical: {report['outputs_identical']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
