@@ -117,8 +117,19 @@ class ServiceProcess:
 
     async def start(self, info: common_pb2.InstanceInfo) -> None:
         await self.server.start()
-        self.registration = await self.discovery.register(info, self.settings.lease_ttl_s)
+        await self.register(info)
         log.info("%s %s serving on %s", info.kind, info.instance_id, self.address)
+
+    async def register(self, info: common_pb2.InstanceInfo) -> None:
+        """Put this instance in etcd (again, after ``deregister``) under a fresh lease."""
+        await self.deregister()
+        self.registration = await self.discovery.register(info, self.settings.lease_ttl_s)
+
+    async def deregister(self) -> None:
+        """Leave etcd now (routers stop choosing this instance); serving goes on."""
+        if self.registration is not None:
+            registration, self.registration = self.registration, None
+            await registration.close()
 
     async def wait_for_signal(self) -> None:
         loop = asyncio.get_running_loop()
@@ -128,8 +139,7 @@ class ServiceProcess:
         log.info("shutting down: deregistering, then draining for up to %ss", self.settings.drain_timeout_s)
 
     async def shutdown(self) -> None:
-        if self.registration is not None:
-            await self.registration.close()
+        await self.deregister()
         await self.health.enter_graceful_shutdown()
         for callback in self._on_drain:
             try:

@@ -309,11 +309,13 @@ class RouterCore:
     async def open(self, request: GenerationInput) -> Generation:
         """Admit (bounded in-flight count), then open; the slot is held until the generation closes."""
         trace = RouterRequestTrace(request, self.settings.router_mode, self.recent)
-        slot = self.admission.acquire()
+        slot: InflightSlot | None = None
         try:
+            slot = self.admission.acquire()  # a refusal is a finished request too: traced and counted
             generation = await self._open(request, trace)
         except BaseException as exc:
-            slot.release()
+            if slot is not None:
+                slot.release()
             trace.finish(exc, request.request_id)
             raise
         generation.slot = slot

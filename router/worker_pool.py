@@ -23,6 +23,9 @@ from kvmesh_proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 _STATS_RETRY_S = 1.0
+# A worker that leaves by draining still streams its in-flight requests: its channel closes once
+# they end (or after this long), never under them.
+_LEAVE_GRACE_S = 120.0
 
 
 @dataclass
@@ -76,6 +79,7 @@ class WorkerPool:
         self._membership.on_change(self._on_change)
         self._stats_interval_ms = stats_interval_ms
         self.workers: dict[str, WorkerState] = {}
+        self._closing: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self._membership.start()
@@ -83,7 +87,9 @@ class WorkerPool:
     async def stop(self) -> None:
         await self._membership.stop()
         for worker_id in list(self.workers):
-            await self._drop(worker_id)
+            await self._drop(worker_id, grace_s=None)
+        for task in list(self._closing):
+            task.cancel()
 
     async def _on_change(self, event: MembershipEvent) -> None:
         worker_id = event.info.instance_id
@@ -102,7 +108,7 @@ class WorkerPool:
         self.workers[worker_id] = state
         log.info("worker %s joined at %s (%s, %s)", worker_id, event.info.address, event.info.role, event.info.model)
 
-    async def _drop(self, worker_id: str) -> None:
+    async def _drop(self, worker_id: str, grace_s: float | None = _LEAVE_GRACE_S) -> None:
         state = self.workers.pop(worker_id, None)
         if state is None:
             return
@@ -110,7 +116,12 @@ class WorkerPool:
             state.stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await state.stats_task
-        await state.channel.close()
+        if grace_s is None or not state.inflight:
+            await state.channel.close()
+            return
+        task = asyncio.create_task(state.channel.close(grace_s), name=f"close:{worker_id}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _follow_stats(self, state: WorkerState) -> None:
         request = worker_pb2.WorkerStatsRequest(interval_ms=self._stats_interval_ms)

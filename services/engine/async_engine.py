@@ -29,6 +29,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped (shut down or crashed); requests are refused (maps to UNAVAILABLE)."""
 
 
+class RequestEvicted(RuntimeError):
+    """The worker ended a live request on purpose (a drain ran out of time); it may be resumed
+    elsewhere (maps to UNAVAILABLE)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -173,6 +178,18 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         return await self.run(lambda e: e.abort(request_id))
+
+    async def evict(self, request_id: str, reason: str) -> bool:
+        """Abort a request and end its stream with ``RequestEvicted(reason)`` (a plain abort
+        leaves the stream waiting); False if it was not running."""
+
+        def evict_now(engine: Engine) -> bool:
+            aborted = engine.abort(request_id)
+            self._step_hooks.pop(request_id, None)
+            self._deliver(request_id, RequestEvicted(reason))
+            return aborted
+
+        return await self.run(evict_now)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:

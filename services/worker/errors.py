@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.engine.async_engine import EngineDeadError
+from services.engine.async_engine import EngineDeadError, RequestEvicted
 from services.engine.llm_engine import NoFreeBlocksError
 
 
@@ -18,7 +18,7 @@ async def engine_errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIte
         yield
     except NoFreeBlocksError as exc:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    except EngineDeadError as exc:
+    except (EngineDeadError, RequestEvicted) as exc:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except ValueError as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -1,5 +1,6 @@
 """Worker process wiring: load the engine, serve the Worker service, publish KV events,
-register in etcd; on SIGTERM deregister first, then let in-flight requests finish."""
+register in etcd; on SIGTERM drain (``lifecycle.py``): deregister first, then let in-flight
+requests finish within ``--drain-timeout-s``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from services.engine.llm_engine import Engine
 from services.worker import metrics
 from services.worker.kv_publisher import KvEventPublisher
 from services.worker.kv_wire import add_transfer_servicer, keep_transfer_buffers
+from services.worker.lifecycle import WorkerLifecycle
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
 
@@ -57,6 +59,8 @@ async def serve(settings: WorkerSettings) -> None:
     servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms,
                               settings.transfer_timeout_s, settings.max_waiting_requests)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
+    lifecycle = WorkerLifecycle(process, servicer)
+    process.on_drain(lambda: lifecycle.drain(settings.drain_timeout_s))
     transfer = KvTransferServicer(async_engine, settings.prefill_chunk_tokens)
     add_transfer_servicer(transfer, process.server)
     publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,

@@ -42,6 +42,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.model_id = engine.engine.model_id
         self.stats_interval_ms = stats_interval_ms
         self.live: set[str] = set()
+        # False while the worker drains (see lifecycle.py): new requests get UNAVAILABLE, so the
+        # router sends them elsewhere.
+        self.accepting = True
         self._tokens_done = 0
         self._prompt_tokens = 0
         # Set when a request ends, so subscribers learn about freed blocks at once.
@@ -70,6 +73,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 f"this worker serves {self.model_id}, not {request.model}")  # fmt: skip
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining; use another")
         if request.request_id in self.live:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request.request_id} is already running")
         if self.max_live and len(self.live) >= self.max_live:
