@@ -230,6 +230,10 @@ class PlannerSettings(ServiceSettings):
     )
     smoothing: float = dataclasses.field(default=0.5, metadata=_help("load predictor: Holt level weight in (0, 1]"))
     trend: float = dataclasses.field(default=0.3, metadata=_help("load predictor: Holt trend weight in [0, 1]"))
+    max_local_prefill_tokens: int = dataclasses.field(
+        default=256, metadata=_help("as the router's: shorter prompts are prefilled on their decode worker")
+    )
+    prefill_chunk_tokens: int = dataclasses.field(default=256, metadata=_help("as the workers': prefill step size"))
     switch_timeout_s: float = dataclasses.field(
         default=30.0, metadata=_help("a switching worker's in-flight requests may finish for this long")
     )

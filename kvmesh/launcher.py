@@ -28,7 +28,9 @@ from kvmesh.local_stores import StoreProcess, child_env, free_port, start_etcd, 
 from kvmesh.status import collect_status
 
 STATE_FILE = "stack.json"
-_SERVICE_OF_MODULE = {"kvstore.server": "kvstore", "router.server": "router", "services.worker.server": "worker"}
+_SERVICE_OF_MODULE = {"kvstore.server": "kvstore", "router.server": "router", "services.worker.server": "worker",
+                      "planner.server": "planner"}  # fmt: skip
+_WORKER_ROLES = ("aggregated", "prefill", "decode")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -66,6 +68,9 @@ class StackOptions:
     tls: bool = False
     # Extra environment for workers (e.g. KVMESH_DTYPE=float32 in tests).
     worker_env: dict[str, str] = field(default_factory=dict)
+    # Run the planner (`kvmesh up --planner`, local connector): these are its flags.
+    planner: bool = False
+    planner_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.prefill or self.decode:
@@ -74,6 +79,8 @@ class StackOptions:
             self.workers = 0
         if self.workers < 0:
             raise ValueError("--workers must be >= 0")
+        if self.planner and not (self.prefill and self.decode):
+            raise ValueError("--planner moves workers between prefill and decode: give --prefill N --decode M")
 
 
 @dataclass
@@ -148,7 +155,7 @@ class LocalStack:
         ns = self.options.namespace
         self.spawn("kvstore", f"kvstore-{ns}", "kvstore.server", ["--redis-url", self.redis_url])
 
-    def add_worker(self, role: str, index: int, env: dict[str, str] | None = None) -> str:
+    def add_worker(self, role: str, index: int | str, env: dict[str, str] | None = None) -> str:
         instance_id = f"{role}-{self.options.namespace}-{index}"
         args = ["--role", role, "--engine", self.options.engine]
         if self.options.model:
@@ -192,10 +199,27 @@ class LocalStack:
             for index in range(count):
                 self.add_worker(role, index)
         self.add_router("router", self.options.router_mode, self.options.grpc_port, self.options.http_port)
+        if options.planner:
+            self.add_planner()
+
+    def add_planner(self) -> str:
+        """The planner with the local connector: the workers it adds are its own children."""
+        instance_id = f"planner-{self.options.namespace}"
+        options = self.options
+        args = ["--connector", "local", "--worker-engine", options.engine, "--state-dir", str(options.state_dir),
+                "--max-workers", str(max(options.prefill + options.decode, 2)), *options.planner_args]  # fmt: skip
+        if options.model:
+            args += ["--worker-model", options.model]
+        self.spawn("planner", instance_id, "planner.server", args, {**self._thread_share(), **options.worker_env})
+        return instance_id
 
     # -- waiting ----------------------------------------------------------------------------
     def _failed_child(self) -> ServiceChild | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+        return next((c for c in self.children if c.proc.poll() is not None and not self._removed(c)), None)
+
+    def _removed(self, child: ServiceChild) -> bool:
+        """A worker the planner stopped (SIGTERM, clean exit) has not failed."""
+        return self.options.planner and child.name.startswith(_WORKER_ROLES) and child.proc.returncode == 0
 
     async def _healthy_ids(self) -> set[str]:
         rows = await collect_status(self.etcd_endpoint, self.options.namespace)
@@ -259,6 +283,14 @@ class LocalStack:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """Front door first, stores last; whoever ignores SIGTERM is killed."""
+        self.stop_children(grace_s)
+        for store in reversed(self.stores):
+            store.stop()
+        (self.options.state_dir / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def stop_children(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the service children, last started first; kill who outlives ``grace_s``."""
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.terminate()
@@ -269,10 +301,6 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
-        for store in reversed(self.stores):
-            store.stop()
-        (self.options.state_dir / STATE_FILE).unlink(missing_ok=True)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def run_stack(options: StackOptions) -> int:
