@@ -86,11 +86,12 @@ class Policy:
         needs = self.capacity.needs(forecast)
         ttft, itl = window.ttft_p90_s, window.itl_p90_s
         short: dict[str, str] = {}
+        ttft_side = ""  # the pool a TTFT over target is blamed on
         if ttft is not None and ttft > t.ttft_p90_s:
             prefill_side = window.waiting("prefill") > 0 or forecast.prompt_tokens >= self.capacity.local_prefill_tokens
-            side = "prefill" if prefill_side else "decode"
-            short[side] = (f"TTFT p90 {_fmt_s(ttft)} > target {_fmt_s(t.ttft_p90_s)} "
-                           f"({window.waiting(side)} waiting on {side})")  # fmt: skip
+            ttft_side = "prefill" if prefill_side else "decode"
+            short[ttft_side] = (f"TTFT p90 {_fmt_s(ttft)} > target {_fmt_s(t.ttft_p90_s)} "
+                                f"({window.waiting(ttft_side)} waiting on {ttft_side})")  # fmt: skip
         if itl is not None and itl > t.itl_p90_s:
             short.setdefault("decode", f"ITL p90 {_fmt_s(itl)} > target {_fmt_s(t.itl_p90_s)}")
         for role in ROLES:
@@ -98,10 +99,13 @@ class Policy:
                 short[role] = (f"forecast {forecast.request_rate:.2f} req/s × {forecast.prompt_tokens:.0f}/"
                                f"{forecast.output_tokens:.0f} tokens needs {getattr(needs, role):.1f} {role} "
                                f"workers, {pools[role]} run")  # fmt: skip
+        # A pool is comfortable when the latency it answers for is under target by the margin
+        # (TTFT counts against a pool only if it is not blamed on the other).
+        ttft_ok = ttft is None or ttft < t.ttft_p90_s * (1 - t.hysteresis)
+        itl_ok = itl is None or itl < t.itl_p90_s * (1 - t.hysteresis)
         comfortable = {
-            "prefill": ttft is None or ttft < t.ttft_p90_s * (1 - t.hysteresis),
-            "decode": (itl is None or itl < t.itl_p90_s * (1 - t.hysteresis))
-            and (ttft is None or ttft < t.ttft_p90_s * (1 - t.hysteresis) or "prefill" in short),
+            "prefill": ttft_ok or (ttft_side == "decode" and window.waiting("prefill") == 0),
+            "decode": itl_ok and (ttft_ok or ttft_side == "prefill"),
         }
         can_give = {role: pools[role] > 1 and comfortable[role] and role not in short
                     and getattr(needs, role) <= pools[role] - 1 for role in ROLES}  # fmt: skip
