@@ -164,13 +164,13 @@ class LocalStack:
         self.spawn(f"{role}-{index}", instance_id, "services.worker.server", args, env)
         return instance_id
 
-    def add_mock_fleet(self, first: int, size: int) -> list[str]:
-        """``size`` aggregated mock workers in one process (services/worker/mock_fleet.py): a mock
+    def add_mock_fleet(self, first: int, size: int, role: str = "aggregated") -> list[str]:
+        """``size`` mock workers of ``role`` in one process (services/worker/mock_fleet.py): a mock
         worker's cost is its process, so simulations of many workers share a few."""
-        base = f"aggregated-{self.options.namespace}-{first}"
+        base = f"{role}-{self.options.namespace}-{first}"
         env = {**self.options.worker_env, "KVMESH_NUM_THREADS": "1"}
-        self.spawn(f"fleet-{first}", base, "services.worker.mock_fleet",
-                   ["--engine", "mock", "--fleet-size", str(size)], env)  # fmt: skip
+        self.spawn(f"fleet-{role}-{first}", base, "services.worker.mock_fleet",
+                   ["--engine", "mock", "--fleet-size", str(size), "--role", role], env)  # fmt: skip
         # The fleet registers <base>.0 … <base>.<size-1>; health is awaited on the first.
         self.children[-1].instance_id = f"{base}.0"
         return [f"{base}.{i}" for i in range(size)]
