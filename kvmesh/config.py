@@ -235,7 +235,7 @@ class PlannerSettings(ServiceSettings):
     )
     prefill_chunk_tokens: int = dataclasses.field(default=256, metadata=_help("as the workers': prefill step size"))
     switch_timeout_s: float = dataclasses.field(
-        default=30.0, metadata=_help("a switching worker's in-flight requests may finish for this long")
+        default=10.0, metadata=_help("a switching worker's requests may finish for this long, then resume elsewhere")
     )
     worker_engine: str = dataclasses.field(default="real", metadata=_help("local connector: engine of added workers"))
     worker_model: str = dataclasses.field(default="", metadata=_help("local connector: model spec of added workers"))

@@ -55,9 +55,20 @@ class CapacityModel:
         per_row = self.coef["per_decode_seq"] + self.coef["per_decode_context_token"] * context
         return per_row * forecast.request_rate * forecast.output_tokens / (1 - base / self.itl_target_s)
 
-    def needs(self, forecast: LoadForecast) -> PoolNeeds:
+    def rows_per_step(self, context_tokens: float) -> float:
+        """Most decode rows one step can hold and stay under the ITL target (0 if none can)."""
+        base = self.coef["base"]
+        per_row = self.coef["per_decode_seq"] + self.coef["per_decode_context_token"] * context_tokens
+        return max(self.itl_target_s - base, 0.0) / per_row if per_row > 0 else math.inf
+
+    def needs(self, forecast: LoadForecast, decoding: int = 0) -> PoolNeeds:
+        """``decoding``: sequences running on the decode pool now. Counted as well as the forecast,
+        because the router's counters see a request only when it finishes — a minute late for a
+        long answer — while the workers' own reports see it at once."""
         prefill = forecast.request_rate * self.prefill_seconds(forecast.prompt_tokens) / self.utilization
-        decode = self.decode_workers(forecast) / self.utilization
+        rows = self.rows_per_step(forecast.prompt_tokens + forecast.output_tokens / 2)
+        observed = decoding / rows if rows else math.inf
+        decode = max(self.decode_workers(forecast), observed) / self.utilization
         if forecast.prompt_tokens < self.local_prefill_tokens:
             return PoolNeeds(0.0, decode + prefill)  # prefilled where it is decoded
         return PoolNeeds(prefill, decode)

@@ -25,7 +25,7 @@ def policy(cooldown_s: float = 30.0, min_workers: int = 2, max_workers: int = 8)
 def window(prefill: int, decode: int, ttft: float | None, itl: float | None, prefill_waiting: int = 0) -> MetricWindow:
     workers = [WorkerLoad(f"p{i}", "prefill", f"h:{i}", 100 + i, waiting=prefill_waiting if i == 0 else 0)
                for i in range(prefill)]  # fmt: skip
-    workers += [WorkerLoad(f"d{i}", "decode", f"h:{50 + i}", 200 + i, running=i) for i in range(decode)]
+    workers += [WorkerLoad(f"d{i}", "decode", f"h:{50 + i}", 200 + i, running=i % 2) for i in range(decode)]
     return MetricWindow(0.0, ttft_p90_s=ttft, itl_p90_s=itl, workers=workers)
 
 
@@ -141,3 +141,14 @@ def test_the_predictor_keeps_lengths_over_idle_ticks():
     predictor.observe(MetricWindow(1.0, request_rate=0.0))
     forecast = predictor.forecast(1)
     assert forecast.prompt_tokens == pytest.approx(800) and forecast.request_rate < 2.0
+
+
+def test_sequences_decoding_now_count_before_the_router_sees_them_finish():
+    """Long answers finish a minute after they start: the decode pool's own running count shows
+    the load long before the router's counters do."""
+    busy = window(4, 4, ttft=0.5, itl=0.08)
+    for worker in busy.pool("decode"):
+        worker.running = 40
+    d = policy().decide(busy, LoadForecast(0.0, 300, 0), 1.0)
+    assert d is not None and (d.action, d.role) == ("switch", "decode")
+    assert "needs" in d.reason
