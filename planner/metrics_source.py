@@ -109,7 +109,7 @@ class MetricWindow:
     ttft_p90_s: float | None = None
     itl_p90_s: float | None = None
     requests_in_window: float = 0.0
-    # Over the last interval (what the load predictor is fed):
+    # Over the window (what the load predictor is fed), from requests that finished in it:
     request_rate: float = 0.0
     mean_prompt_tokens: float = 0.0
     mean_output_tokens: float = 0.0
@@ -121,7 +121,13 @@ class MetricWindow:
         return [w for w in self.workers if w.role == role]
 
     def waiting(self, role: str) -> int:
+        """Requests queued behind the running batches of ``role``'s workers."""
         return sum(w.waiting for w in self.pool(role))
+
+    def in_flight(self, role: str) -> int:
+        """Requests running or queued on ``role``'s workers (a prefill worker runs several
+        prompts' chunks in one step, so its backlog shows as running, not waiting)."""
+        return sum(w.running + w.waiting for w in self.pool(role))
 
 
 class RouterWindow:
@@ -142,14 +148,15 @@ class RouterWindow:
         window = MetricWindow(latest.at_s, workers=workers)
         if len(self._samples) < 2:
             return window
-        oldest, previous = self._samples[0], self._samples[-2]
+        oldest = self._samples[0]
         ttft = _delta(latest.buckets.get("ttft", {}), oldest.buckets.get("ttft", {}))
         itl = _delta(latest.buckets.get("itl", {}), oldest.buckets.get("itl", {}))
         window.ttft_p90_s = histogram_quantile(ttft, 0.9)
         window.itl_p90_s = histogram_quantile(itl, 0.9)
         window.requests_in_window = max(ttft.values(), default=0.0)
-        counters = {k: latest.counters.get(k, 0.0) - previous.counters.get(k, 0.0) for k in _COUNTERS.values()}
-        seconds = max(latest.at_s - previous.at_s, 1e-6)
+        # Over the whole window: per-interval counts of a few requests are too noisy to extrapolate.
+        counters = {k: latest.counters.get(k, 0.0) - oldest.counters.get(k, 0.0) for k in _COUNTERS.values()}
+        seconds = max(latest.at_s - oldest.at_s, 1e-6)
         requests = counters["requests"]
         window.request_rate = requests / seconds
         if requests > 0:

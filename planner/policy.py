@@ -88,11 +88,14 @@ class Policy:
         short: dict[str, str] = {}
         ttft_side = ""  # the pool a TTFT over target is blamed on
         if ttft is not None and ttft > t.ttft_p90_s:
-            prefill_side = window.waiting("prefill") > 0 or forecast.prompt_tokens >= self.capacity.local_prefill_tokens
-            ttft_side = "prefill" if prefill_side else "decode"
+            long_prompts = forecast.prompt_tokens >= self.capacity.local_prefill_tokens
+            ttft_side = "prefill" if long_prompts or window.waiting("prefill") > 0 else "decode"
             short[ttft_side] = (f"TTFT p90 {_fmt_s(ttft)} > target {_fmt_s(t.ttft_p90_s)} "
-                                f"({window.waiting(ttft_side)} waiting on {ttft_side})")  # fmt: skip
-        if itl is not None and itl > t.itl_p90_s:
+                                f"({window.in_flight(ttft_side)} in flight on {ttft_side})")  # fmt: skip
+        # A saturated prefill pool spills prompts onto decode workers (the router prefills them
+        # there), whose steps then stall their streams: that slow ITL is the prefill pool's.
+        spill = ttft_side == "prefill" and window.waiting("prefill") > 0
+        if itl is not None and itl > t.itl_p90_s and not spill:
             short.setdefault("decode", f"ITL p90 {_fmt_s(itl)} > target {_fmt_s(t.itl_p90_s)}")
         for role in ROLES:
             if role not in short and needs_more(getattr(needs, role), pools[role]):
@@ -105,7 +108,7 @@ class Policy:
         itl_ok = itl is None or itl < t.itl_p90_s * (1 - t.hysteresis)
         comfortable = {
             "prefill": ttft_ok or (ttft_side == "decode" and window.waiting("prefill") == 0),
-            "decode": itl_ok and (ttft_ok or ttft_side == "prefill"),
+            "decode": (itl_ok or spill) and (ttft_ok or ttft_side == "prefill"),
         }
         can_give = {role: pools[role] > 1 and comfortable[role] and role not in short
                     and getattr(needs, role) <= pools[role] - 1 for role in ROLES}  # fmt: skip

@@ -40,7 +40,7 @@ def test_quantile_interpolates_within_a_bucket():
     assert histogram_quantile({0.1: 0.0, float("inf"): 0.0}, 0.9) is None
 
 
-def test_old_requests_leave_the_window_and_rates_are_per_interval():
+def test_old_requests_leave_the_window_and_rates_are_taken_over_it():
     router, window = FakeRouter(), RouterWindow(window_s=10.0)
     window.add(router.sample(0.0))
     for _ in range(20):

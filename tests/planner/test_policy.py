@@ -22,9 +22,10 @@ def policy(cooldown_s: float = 30.0, min_workers: int = 2, max_workers: int = 8)
     return Policy(targets, CapacityModel(TimingProfile.load("cpu-smollm2"), 0.7, ITL_S))
 
 
-def window(prefill: int, decode: int, ttft: float | None, itl: float | None, prefill_waiting: int = 0) -> MetricWindow:
-    workers = [WorkerLoad(f"p{i}", "prefill", f"h:{i}", 100 + i, waiting=prefill_waiting if i == 0 else 0)
-               for i in range(prefill)]  # fmt: skip
+def window(prefill: int, decode: int, ttft: float | None, itl: float | None, prefill_waiting: int = 0,
+           prefill_running: int = 0) -> MetricWindow:  # fmt: skip
+    workers = [WorkerLoad(f"p{i}", "prefill", f"h:{i}", 100 + i, running=prefill_running,
+                          waiting=prefill_waiting if i == 0 else 0) for i in range(prefill)]  # fmt: skip
     workers += [WorkerLoad(f"d{i}", "decode", f"h:{50 + i}", 200 + i, running=i % 2) for i in range(decode)]
     return MetricWindow(0.0, ttft_p90_s=ttft, itl_p90_s=itl, workers=workers)
 
@@ -62,8 +63,15 @@ def test_the_forecast_alone_moves_a_worker_before_latency_degrades():
 def test_a_pool_near_its_target_does_not_give_a_worker_away():
     """ITL is under target but inside the hysteresis band: decode keeps its workers, so a
     prefill shortage is met by adding a worker instead."""
-    d = policy().decide(window(2, 3, ttft=5.0, itl=0.09, prefill_waiting=3), LoadForecast(0.1, 1000, 16), 100.0)
+    d = policy().decide(window(2, 3, ttft=5.0, itl=0.09, prefill_running=3), LoadForecast(0.1, 1000, 16), 100.0)
     assert d is not None and (d.action, d.role) == ("add", "prefill")
+
+
+def test_slow_tokens_from_prompts_spilled_onto_decode_workers_are_the_prefill_pools_shortage():
+    """Prefill workers have a queue, so the router prefills long prompts on decode workers, whose
+    streams stall: more decode workers would not help, more prefill workers would."""
+    d = policy().decide(window(2, 6, ttft=5.0, itl=0.4, prefill_waiting=8), LoadForecast(0.2, 1000, 16), 100.0)
+    assert d is not None and (d.action, d.role) == ("switch", "prefill")
 
 
 def test_both_pools_short_at_the_cap_changes_nothing():
