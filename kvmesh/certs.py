@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_FILE = "ca.pem"
 # One certificate per service kind, plus one for clients (SDK, `kvmesh status`).
-SERVICES = ("router", "worker", "kvstore", "client")
+SERVICES = ("router", "worker", "kvstore", "planner", "client")
 VALID_DAYS = 365
 
 

@@ -18,6 +18,7 @@ SERVICES = {
     "kvstore": "kvstore.server",
     "router": "router.server",
     "worker": "services.worker.server",
+    "planner": "planner.server",
 }
 
 # Tools whose module's ``main(argv)`` takes the remaining arguments.
@@ -26,6 +27,7 @@ TOOLS: dict[str | tuple[str, str], str] = {
     ("bench", "replay"): "bench.replay",
     ("bench", "routing"): "bench.routing",
     ("bench", "router-scale"): "bench.router_scale",
+    ("bench", "planner"): "bench.planner",
 }
 
 
@@ -53,6 +55,10 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--tls", action="store_true",
                     help="mutual TLS on every gRPC hop (certificates made in <state-dir>/certs)")
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for health")
+    up.add_argument("--planner", action="store_true",
+                    help="run the planner (local connector) over the --prefill/--decode pools")
+    up.add_argument("--ttft-p90-ms", type=float, default=None, help="--planner: TTFT p90 target")
+    up.add_argument("--itl-p90-ms", type=float, default=None, help="--planner: ITL p90 target")
 
 
 def _status_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,6 +95,12 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(endpoint, namespace, args.json)
 
 
+def _planner_args(args: argparse.Namespace) -> list[str]:
+    """`kvmesh up`'s planner targets as the planner's own flags (the rest: KVMESH_* variables)."""
+    targets = {"--ttft-p90-ms": args.ttft_p90_ms, "--itl-p90-ms": args.itl_p90_ms}
+    return [part for flag, value in targets.items() if value is not None for part in (flag, str(value))]
+
+
 def _up(args: argparse.Namespace) -> int:
     try:
         options = StackOptions(
@@ -98,6 +110,7 @@ def _up(args: argparse.Namespace) -> int:
             redis_url=args.redis_url, state_dir=args.state_dir, ready_timeout_s=args.ready_timeout,
             api_keys=args.api_keys, tls=args.tls, kv_cache_blocks=args.kv_cache_blocks,
             host_cache_gb=args.host_cache_gb, disk_cache_gb=args.disk_cache_gb, disk_cache_dir=args.disk_cache_dir,
+            planner=args.planner, planner_args=_planner_args(args),
         )  # fmt: skip
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)
@@ -140,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("generate", help="generate text locally with the engine (no services)")
     sub.add_parser("certs", help="make a local CA and per-service certificates: `kvmesh certs --out DIR`")
     sub.add_parser("chat", help="interactive streaming chat with a running mesh")
-    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing --help`")
+    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing|planner --help`")
     sub.add_parser("calibrate", help="fit the mock engine's timing profile to the real engine")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _status(args)

@@ -231,6 +231,78 @@ class RouterSettings(ServiceSettings):
             raise ValueError("api_key_rate_limit, api_key_burst and max_inflight_requests must be >= 0")
 
 
+PLANNER_CONNECTORS = ("local", "kubernetes")
+
+
+@dataclasses.dataclass
+class PlannerSettings(ServiceSettings):
+    """The planner: moves workers between prefill and decode, or adds/removes them, against targets."""
+
+    ttft_p90_ms: float = dataclasses.field(default=2000.0, metadata=_help("target: p90 time to first token"))
+    itl_p90_ms: float = dataclasses.field(default=100.0, metadata=_help("target: 90th percentile inter-token latency"))
+    connector: str = dataclasses.field(default="local", metadata=_help("who acts: local or kubernetes"))
+    dry_run: bool = dataclasses.field(default=False, metadata=_help("only log and export decisions, change nothing"))
+    interval_s: float = dataclasses.field(default=5.0, metadata=_help("seconds between two looks at the metrics"))
+    window_s: float = dataclasses.field(default=60.0, metadata=_help("sliding window the percentiles are taken over"))
+    cooldown_s: float = dataclasses.field(
+        default=60.0, metadata=_help("after a decision, no other for this long (lets its effect show; no flapping)")
+    )
+    hysteresis: float = dataclasses.field(
+        default=0.2, metadata=_help("a side gives up a worker only when its p90 is this fraction under its target")
+    )
+    min_workers: int = dataclasses.field(default=2, metadata=_help("fewest workers (prefill + decode) kept"))
+    max_workers: int = dataclasses.field(default=8, metadata=_help("most workers (prefill + decode) run"))
+    profile: str = dataclasses.field(
+        default="cpu-smollm2", metadata=_help("calibrated timing profile that prices a pool's capacity (name or path)")
+    )
+    target_utilization: float = dataclasses.field(
+        default=0.7, metadata=_help("busy share of a worker the capacity model plans for (headroom for bursts)")
+    )
+    smoothing: float = dataclasses.field(default=0.5, metadata=_help("load predictor: Holt level weight in (0, 1]"))
+    trend: float = dataclasses.field(default=0.3, metadata=_help("load predictor: Holt trend weight in [0, 1]"))
+    max_local_prefill_tokens: int = dataclasses.field(
+        default=256, metadata=_help("as the router's: shorter prompts are prefilled on their decode worker")
+    )
+    prefill_chunk_tokens: int = dataclasses.field(default=256, metadata=_help("as the workers': prefill step size"))
+    switch_timeout_s: float = dataclasses.field(
+        default=10.0, metadata=_help("a switching worker's requests may finish for this long, then resume elsewhere")
+    )
+    worker_engine: str = dataclasses.field(default="real", metadata=_help("local connector: engine of added workers"))
+    worker_model: str = dataclasses.field(default="", metadata=_help("local connector: model spec of added workers"))
+    state_dir: str = dataclasses.field(default=".kvmesh", metadata=_help("local connector: where added workers log"))
+    k8s_api_url: str = dataclasses.field(
+        default="https://kubernetes.default.svc", metadata=_help("kubernetes connector: API server URL")
+    )
+    k8s_namespace: str = dataclasses.field(default="default", metadata=_help("kubernetes connector: namespace"))
+    k8s_token_file: str = dataclasses.field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount/token",
+        metadata=_help("kubernetes connector: file holding the bearer token"),
+    )
+    k8s_ca_file: str = dataclasses.field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        metadata=_help("kubernetes connector: CA of the API server; empty = the system's"),
+    )
+    prefill_deployment: str = dataclasses.field(default="prefill", metadata=_help("kubernetes: prefill Deployment"))
+    decode_deployment: str = dataclasses.field(default="decode", metadata=_help("kubernetes: decode Deployment"))
+
+    kind = "planner"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.connector not in PLANNER_CONNECTORS:
+            raise ValueError(f"connector must be one of {', '.join(PLANNER_CONNECTORS)}, got {self.connector!r}")
+        if self.ttft_p90_ms <= 0 or self.itl_p90_ms <= 0:
+            raise ValueError("ttft_p90_ms and itl_p90_ms must be positive")
+        if self.interval_s <= 0 or self.window_s <= 0 or self.cooldown_s < 0 or not 0 <= self.hysteresis < 1:
+            raise ValueError("interval_s and window_s must be positive, cooldown_s >= 0, hysteresis in [0, 1)")
+        if not 2 <= self.min_workers <= self.max_workers:
+            raise ValueError("need 2 <= min_workers <= max_workers (one prefill and one decode at least)")
+        if not 0 < self.target_utilization <= 1 or not 0 < self.smoothing <= 1 or not 0 <= self.trend <= 1:
+            raise ValueError("target_utilization and smoothing must be in (0, 1], trend in [0, 1]")
+        if self.worker_engine not in ENGINES:
+            raise ValueError(f"worker_engine must be one of {', '.join(ENGINES)}, got {self.worker_engine!r}")
+
+
 S = TypeVar("S", bound=ServiceSettings)
 
 

@@ -35,8 +35,8 @@ CHANNEL_OPTIONS = [
 ]
 
 
-# Services only peers of the mesh may call (mTLS identity or mesh token, see kvmesh.tls).
-MESH_ONLY_PREFIXES = ("/kvmesh.v1.KvTransfer/",)
+# Services (and methods) only peers of the mesh may call (mTLS identity or mesh token, see kvmesh.tls).
+MESH_ONLY_PREFIXES = ("/kvmesh.v1.KvTransfer/", "/kvmesh.v1.Worker/SwitchRole")
 
 
 def mesh_channel(address: str) -> grpc.aio.Channel:

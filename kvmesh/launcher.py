@@ -28,7 +28,9 @@ from kvmesh.local_stores import StoreProcess, child_env, free_port, start_etcd, 
 from kvmesh.status import collect_status
 
 STATE_FILE = "stack.json"
-_SERVICE_OF_MODULE = {"kvstore.server": "kvstore", "router.server": "router", "services.worker.server": "worker"}
+_SERVICE_OF_MODULE = {"kvstore.server": "kvstore", "router.server": "router", "services.worker.server": "worker",
+                      "planner.server": "planner"}  # fmt: skip
+_WORKER_ROLES = ("aggregated", "prefill", "decode")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -72,6 +74,9 @@ class StackOptions:
     host_cache_gb: float | None = None
     disk_cache_gb: float | None = None
     disk_cache_dir: Path | None = None
+    # Run the planner (`kvmesh up --planner`, local connector): these are its flags.
+    planner: bool = False
+    planner_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.prefill or self.decode:
@@ -80,6 +85,8 @@ class StackOptions:
             self.workers = 0
         if self.workers < 0:
             raise ValueError("--workers must be >= 0")
+        if self.planner and not (self.prefill and self.decode):
+            raise ValueError("--planner moves workers between prefill and decode: give --prefill N --decode M")
 
 
 @dataclass
@@ -154,7 +161,7 @@ class LocalStack:
         ns = self.options.namespace
         self.spawn("kvstore", f"kvstore-{ns}", "kvstore.server", ["--redis-url", self.redis_url])
 
-    def add_worker(self, role: str, index: int, env: dict[str, str] | None = None) -> str:
+    def add_worker(self, role: str, index: int | str, env: dict[str, str] | None = None) -> str:
         instance_id = f"{role}-{self.options.namespace}-{index}"
         args = ["--role", role, "--engine", self.options.engine, *self._kv_tier_args(instance_id)]
         if self.options.model:
@@ -177,13 +184,13 @@ class LocalStack:
             args += ["--disk-cache-gb", str(o.disk_cache_gb)]
         return args
 
-    def add_mock_fleet(self, first: int, size: int) -> list[str]:
-        """``size`` aggregated mock workers in one process (services/worker/mock_fleet.py): a mock
+    def add_mock_fleet(self, first: int, size: int, role: str = "aggregated") -> list[str]:
+        """``size`` mock workers of ``role`` in one process (services/worker/mock_fleet.py): a mock
         worker's cost is its process, so simulations of many workers share a few."""
-        base = f"aggregated-{self.options.namespace}-{first}"
+        base = f"{role}-{self.options.namespace}-{first}"
         env = {**self.options.worker_env, "KVMESH_NUM_THREADS": "1"}
-        self.spawn(f"fleet-{first}", base, "services.worker.mock_fleet",
-                   ["--engine", "mock", "--fleet-size", str(size)], env)  # fmt: skip
+        self.spawn(f"fleet-{role}-{first}", base, "services.worker.mock_fleet",
+                   ["--engine", "mock", "--fleet-size", str(size), "--role", role], env)  # fmt: skip
         # The fleet registers <base>.0 … <base>.<size-1>; health is awaited on the first.
         self.children[-1].instance_id = f"{base}.0"
         return [f"{base}.{i}" for i in range(size)]
@@ -212,10 +219,27 @@ class LocalStack:
             for index in range(count):
                 self.add_worker(role, index)
         self.add_router("router", self.options.router_mode, self.options.grpc_port, self.options.http_port)
+        if options.planner:
+            self.add_planner()
+
+    def add_planner(self) -> str:
+        """The planner with the local connector: the workers it adds are its own children."""
+        instance_id = f"planner-{self.options.namespace}"
+        options = self.options
+        args = ["--connector", "local", "--worker-engine", options.engine, "--state-dir", str(options.state_dir),
+                "--max-workers", str(max(options.prefill + options.decode, 2)), *options.planner_args]  # fmt: skip
+        if options.model:
+            args += ["--worker-model", options.model]
+        self.spawn("planner", instance_id, "planner.server", args, {**self._thread_share(), **options.worker_env})
+        return instance_id
 
     # -- waiting ----------------------------------------------------------------------------
     def _failed_child(self) -> ServiceChild | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+        return next((c for c in self.children if c.proc.poll() is not None and not self._removed(c)), None)
+
+    def _removed(self, child: ServiceChild) -> bool:
+        """A worker the planner stopped (SIGTERM, clean exit) has not failed."""
+        return self.options.planner and child.name.startswith(_WORKER_ROLES) and child.proc.returncode == 0
 
     async def _healthy_ids(self) -> set[str]:
         rows = await collect_status(self.etcd_endpoint, self.options.namespace)
@@ -279,6 +303,14 @@ class LocalStack:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """Front door first, stores last; whoever ignores SIGTERM is killed."""
+        self.stop_children(grace_s)
+        for store in reversed(self.stores):
+            store.stop()
+        (self.options.state_dir / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def stop_children(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the service children, last started first; kill who outlives ``grace_s``."""
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.terminate()
@@ -289,10 +321,6 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
-        for store in reversed(self.stores):
-            store.stop()
-        (self.options.state_dir / STATE_FILE).unlink(missing_ok=True)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def run_stack(options: StackOptions) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import grpc
@@ -13,6 +14,8 @@ import grpc
 from kvmesh.discovery import Discovery
 from kvmesh.grpc_service import check_health, mesh_channel
 from kvmesh_proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
+
+PLANNER_DECISIONS_SHOWN = 5
 
 
 async def _kvstore_blocks(address: str) -> int | None:
@@ -61,13 +64,26 @@ async def _describe(info: common_pb2.InstanceInfo) -> dict[str, Any]:
 
 
 async def collect_status(etcd_endpoint: str, namespace: str) -> list[dict[str, Any]]:
+    from planner.decision_log import read_decisions
+
     discovery = Discovery(etcd_endpoint, namespace)
     try:
         instances = await asyncio.wait_for(discovery.list(), 5.0)
+        decisions = await asyncio.wait_for(read_decisions(discovery), 5.0)
     finally:
         await discovery.close()
     ordered = sorted(instances.values(), key=lambda info: (info.kind, info.instance_id))
-    return list(await asyncio.gather(*(_describe(info) for info in ordered)))
+    rows = list(await asyncio.gather(*(_describe(info) for info in ordered)))
+    for row in rows:
+        if row["kind"] == "planner":
+            row["decisions"] = decisions[-PLANNER_DECISIONS_SHOWN:]
+    return rows
+
+
+def _decision_line(d: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(d.get("at_unix", 0)))
+    who = f" {d['worker_id']}" if d.get("worker_id") else ""
+    return f"  {when} {d.get('action')} {d.get('role')}{who} [{d.get('outcome')}]: {d.get('reason')}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -78,6 +94,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    for row in rows:
+        if row.get("decisions"):
+            lines += [f"planner {row['id']}: last decisions", *map(_decision_line, row["decisions"])]
     return "\n".join(lines)
 
 

@@ -3,11 +3,13 @@ offline), and ``GET /dashboard/data``, the JSON it polls.
 
 Figures come from the router's own memory (``RecentRequests``: the last requests' phase
 timings, recent inter-token gaps, all-time counts) and its live view of the workers (their
-stats streams), so the page needs neither Prometheus nor a trace collector.
+stats streams), so the page needs neither Prometheus nor a trace collector; the planner's
+decisions are read from etcd, where the planner publishes them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from dataclasses import asdict
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 RECENT_SHOWN = 40
 THROUGHPUT_WINDOW_S = 60.0
+PLANNER_READ_TIMEOUT_S = 0.5
 
 
 def percentiles_ms(values: list[float]) -> dict[str, float | None]:
@@ -89,4 +92,14 @@ def add_dashboard_routes(app: FastAPI, core: RouterCore) -> None:
 
     @app.get("/dashboard/data")
     async def data() -> JSONResponse:
-        return JSONResponse(dashboard_data(core))
+        return JSONResponse({**dashboard_data(core), "planner": await planner_decisions(core)})
+
+
+async def planner_decisions(core: RouterCore) -> list[dict]:
+    """The planner's recent decisions, as it published them in etcd ([] without a planner)."""
+    from planner.decision_log import read_decisions
+
+    try:
+        return await asyncio.wait_for(read_decisions(core.pool.discovery), PLANNER_READ_TIMEOUT_S)
+    except Exception:  # etcd slow or away: the page shows the rest
+        return []

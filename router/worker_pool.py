@@ -75,6 +75,7 @@ class WorkerState:
 
 class WorkerPool:
     def __init__(self, discovery: Discovery, stats_interval_ms: int = 200) -> None:
+        self.discovery = discovery
         self._membership = Membership(discovery, "worker")
         self._membership.on_change(self._on_change)
         self._stats_interval_ms = stats_interval_ms

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from kvmesh.config import WorkerSettings, load_settings
 from kvmesh.grpc_service import ServiceProcess
 from kvmesh.logging_setup import setup_logging
-from kvmesh_proto.v1 import transfer_pb2, worker_pb2, worker_pb2_grpc
+from kvmesh_proto.v1 import common_pb2, transfer_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.config import DEFAULT_MODEL, EngineConfig
 from services.engine.llm_engine import Engine
@@ -19,6 +19,7 @@ from services.worker import metrics
 from services.worker.kv_publisher import KvEventPublisher
 from services.worker.kv_wire import add_transfer_servicer, keep_transfer_buffers
 from services.worker.lifecycle import WorkerLifecycle
+from services.worker.role_switch import RoleSwitch
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
 
@@ -68,11 +69,16 @@ async def serve(settings: WorkerSettings) -> None:
     publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,
                                  settings.event_flush_ms)  # fmt: skip
     engine.set_kv_event_callback(publisher.on_engine_events)
-    info = process.instance_info(
-        role=settings.role, model=engine.model_id, model_spec=settings.model or DEFAULT_MODEL,
-        block_size=settings.block_size, capabilities=["kv_events", "kv_transfer"], engine=settings.engine,
-        capacity_blocks=engine.stats().blocks_total, max_model_len=engine.max_model_len,
-    )  # fmt: skip
+
+    def registration(role: str) -> common_pb2.InstanceInfo:
+        return process.instance_info(
+            role=role, model=engine.model_id, model_spec=settings.model or DEFAULT_MODEL,
+            block_size=settings.block_size, capabilities=["kv_events", "kv_transfer", "switch_role"],
+            engine=settings.engine, capacity_blocks=engine.stats().blocks_total, max_model_len=engine.max_model_len,
+        )  # fmt: skip
+
+    servicer.role_switch = RoleSwitch(lifecycle, servicer, registration, settings.drain_timeout_s)
+    info = registration(settings.role)
     metrics.INFO.labels(settings.instance_id, settings.role, engine.model_id).set(1)
     try:
         await publisher.start()

@@ -14,9 +14,11 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
+from kvmesh.config import WORKER_ROLES
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.llm_engine import NoFreeBlocksError
@@ -26,6 +28,9 @@ from services.worker.disagg import TransferStats, pull_with_retries
 from services.worker.errors import engine_errors_as_status
 from services.worker.metrics import observe_stats
 from services.worker.request_trace import WorkerRequestTrace
+
+if TYPE_CHECKING:
+    from services.worker.role_switch import RoleSwitch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # False while the worker drains (see lifecycle.py): new requests get UNAVAILABLE, so the
         # router sends them elsewhere.
         self.accepting = True
+        # Set by the worker's wiring (role_switch.py); without it SwitchRole is UNIMPLEMENTED.
+        self.role_switch: RoleSwitch | None = None
         self._tokens_done = 0
         self._prompt_tokens = 0
         # Set when a request ends, so subscribers learn about freed blocks at once.
@@ -174,6 +181,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.CancelResponse:
         return worker_pb2.CancelResponse(cancelled=await self.engine.abort(request.request_id))
+
+    async def SwitchRole(
+        self, request: worker_pb2.SwitchRoleRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.SwitchRoleResponse:
+        if self.role_switch is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this worker cannot switch roles")
+        if request.role not in WORKER_ROLES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"role must be one of {', '.join(WORKER_ROLES)}, got {request.role!r}")  # fmt: skip
+        if request.drain_timeout_s < 0 or request.drain_timeout_s > 3600:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be in [0, 3600]")
+        if not self.accepting and request.role != self.role:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is draining")
+        return await self.role_switch.switch(request.role, request.drain_timeout_s)
 
     async def stats(self) -> worker_pb2.WorkerStats:
         """A load report read on the engine thread between steps, so a finished request's
