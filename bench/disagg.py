@@ -22,9 +22,13 @@ serializing and checking the first chunk, and the call).
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import random
 import statistics
 import uuid
+from pathlib import Path
 
 from kvmesh_proto.v1 import common_pb2, worker_pb2
 from services.worker.disagg import PulledPrefill, pull_prefill
@@ -85,22 +89,84 @@ def print_overlap(result: dict) -> None:
           f"the pull adds without overlap")  # fmt: skip
 
 
+async def serve_prefill_worker(args: argparse.Namespace) -> None:
+    """A bare prefill worker (engine + KV-transfer service, no mesh): what ``--standalone``
+    measures against, in a process of its own as a real prefill worker would be."""
+    import grpc
+
+    from kvmesh.grpc_service import CHANNEL_OPTIONS
+    from services.engine import Engine, EngineConfig
+    from services.engine.async_engine import AsyncEngine
+    from services.worker.kv_wire import add_transfer_servicer
+    from services.worker.transfer_servicer import KvTransferServicer
+
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, num_kv_blocks=args.kv_blocks,
+                          max_num_batched_tokens=max(2048, args.prompt_tokens))  # fmt: skip
+    engine = AsyncEngine(Engine(config))
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    add_transfer_servicer(KvTransferServicer(engine, args.prefill_chunk_tokens), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"PORT {port} MODEL {engine.engine.model_id}", flush=True)
+    await server.wait_for_termination()
+
+
+def measure_standalone(args: argparse.Namespace) -> dict:
+    """Overlap against a bare prefill worker started as a child process (no etcd, Redis or router:
+    what a GPU machine without the mesh's stores can run)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "bench.disagg", "--serve-prefill", *_engine_flags(args)],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = child.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the prefill worker did not start: {line!r}")
+        _, port, _, model = line.split()
+        return asyncio.run(measure_overlap(f"127.0.0.1:{port}", model, args.prompt_tokens, args.rounds))
+    finally:
+        child.terminate()
+        child.wait(30)
+
+
+def _engine_flags(args: argparse.Namespace) -> list[str]:
+    return ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--kv-blocks", str(args.kv_blocks),
+            "--prefill-chunk-tokens", str(args.prefill_chunk_tokens), "--prompt-tokens", str(args.prompt_tokens)]
+
+
 def main() -> None:
-    """``python -m bench.disagg``: the overlap figures alone, on a fresh 1 prefill + 1 decode stack."""
-    import asyncio
-    import json
-    from pathlib import Path
+    """``python -m bench.disagg``: the overlap figures alone, on a fresh 1 prefill + 1 decode stack,
+    or with ``--standalone`` against a bare prefill worker (e.g. ``--device cuda`` on a GPU machine)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.disagg", description=main.__doc__.split(":")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=1500)
+    parser.add_argument("--standalone", action="store_true", help="a bare prefill worker, no mesh")
+    parser.add_argument("--serve-prefill", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2", help="--standalone: the prefill worker's model")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kv-blocks", type=int, default=2048)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=256)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/disagg-overlap.json"))
+    args = parser.parse_args()
+    if args.serve_prefill:
+        asyncio.run(serve_prefill_worker(args))
+        return
+    if args.standalone:
+        result = measure_standalone(args)
+    else:
+        from bench.stack import BenchStack
 
-    from bench.stack import BenchStack
-
-    with BenchStack(0, ["kv"], prefill=1, decode=1) as stack:
-        prefill = asyncio.run(stack.worker_info("prefill"))
-        result = asyncio.run(measure_overlap(prefill.address, prefill.model))
+        with BenchStack(0, ["kv"], prefill=1, decode=1) as stack:
+            prefill = asyncio.run(stack.worker_info("prefill"))
+            result = asyncio.run(measure_overlap(prefill.address, prefill.model, args.prompt_tokens, args.rounds))
+    result.update(device=args.device, model=args.model if args.standalone else "stack default",
+                  dtype=args.dtype if args.standalone else "stack default")  # fmt: skip
     print_overlap(result)
-    out = Path("bench/results/disagg-overlap.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"results: {out}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"results: {args.json}")
 
 
 if __name__ == "__main__":
