@@ -157,6 +157,13 @@ class LocalStack:
         self.spawn(f"{role}-{index}", instance_id, "services.worker.server", args, env)
         return instance_id
 
+    def restart_worker(self, child: ServiceChild, timeout_s: float = 60.0) -> str:
+        """Once ``child`` (a worker) has exited, start it again under the same instance id."""
+        child.proc.wait(timeout_s)
+        self.children.remove(child)
+        role, _, index = child.name.rpartition("-")
+        return self.add_worker(role, int(index))
+
     def add_mock_fleet(self, first: int, size: int) -> list[str]:
         """``size`` aggregated mock workers in one process (services/worker/mock_fleet.py): a mock
         worker's cost is its process, so simulations of many workers share a few."""

@@ -28,7 +28,7 @@ async def test_chaos_loses_no_request_corrupts_no_output_and_leaks_no_block(faul
         first, second = mesh.workers()
 
         os.kill(first.proc.pid, signal.SIGKILL)
-        mesh.restart_worker(first)
+        await asyncio.to_thread(mesh.stack.restart_worker, first)
         await asyncio.sleep(PAUSE_S)
         mesh.redis.kill()
         await asyncio.sleep(PAUSE_S)
@@ -40,7 +40,7 @@ async def test_chaos_loses_no_request_corrupts_no_output_and_leaks_no_block(faul
         await asyncio.to_thread(mesh.stack.wait_router_workers, mesh.http, 2, 300)
 
         os.kill(second.proc.pid, signal.SIGTERM)
-        mesh.restart_worker(second)
+        await asyncio.to_thread(mesh.stack.restart_worker, second)  # after its drain
         await asyncio.to_thread(mesh.stack.wait_router_workers, mesh.http, 2, 300)
         done = load.completed()
         await wait_for(lambda: load.completed_at_least(done + 2), 60, "the recovered mesh serves")

@@ -29,7 +29,7 @@ async def test_rolling_restart_of_every_worker_under_load_loses_no_request(fault
             assert time.monotonic() - started < 60
             await asyncio.sleep(0.1)
         assert child.proc.returncode == 0
-        mesh.restart_worker(child)
+        mesh.stack.restart_worker(child)
         await asyncio.to_thread(mesh.stack.wait_router_workers, mesh.http, 2, 240)
         served = len(load.outcomes)
         await wait_for(lambda n=served + 2: load.completed_at_least(n), 60, "the restarted mesh serves")
