@@ -26,6 +26,7 @@ TOOLS: dict[str | tuple[str, str], str] = {
     ("bench", "replay"): "bench.replay",
     ("bench", "routing"): "bench.routing",
     ("bench", "router-scale"): "bench.router_scale",
+    ("bench", "soak"): "bench.soak",
 }
 
 
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("generate", help="generate text locally with the engine (no services)")
     sub.add_parser("certs", help="make a local CA and per-service certificates: `kvmesh certs --out DIR`")
     sub.add_parser("chat", help="interactive streaming chat with a running mesh")
-    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing --help`")
+    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing|router-scale|soak --help`")
     sub.add_parser("calibrate", help="fit the mock engine's timing profile to the real engine")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _status(args)
