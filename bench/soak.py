@@ -191,12 +191,14 @@ class Soak:
         return (inside[-1] if inside else 0) - (before[-1] if before else 0)
 
     def rss_growth(self) -> list[dict]:
-        """Per process (a restarted one is a new row): RSS at the end of the warm-up (or when it
-        started, if later) against its last sample; only processes sampled for at least a minute."""
+        """Per process (a restarted one is a new row): RSS at the end of its warm-up (``--warmup-s``
+        after the soak began, or after the process was first seen if it started later) against its
+        last sample; only processes sampled for at least a minute after their warm-up."""
         rows = []
         for key in dict.fromkeys((s["process"], s["pid"]) for s in self.rss):
             samples = [s for s in self.rss if (s["process"], s["pid"]) == key]
-            start = next((s for s in samples if s["t_s"] >= self.args.warmup_s), None)
+            warm_from = max(self.args.warmup_s, samples[0]["t_s"] + self.args.warmup_s if samples[0]["t_s"] else 0)
+            start = next((s for s in samples if s["t_s"] >= warm_from), None)
             last = samples[-1]
             if start is None or last["t_s"] - start["t_s"] < 60:
                 continue
