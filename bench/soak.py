@@ -125,7 +125,7 @@ class Soak:
             time.sleep(self.args.store_down_s)
             store.start_again()
             return
-        workers = [c for c in self.stack.children if c.name.startswith("aggregated")]
+        workers = sorted((c for c in self.stack.children if c.name.startswith("aggregated")), key=lambda c: c.name)
         child = workers[turn % len(workers)]
         os.kill(child.proc.pid, signal.SIGKILL if kind == "sigkill_worker" else signal.SIGTERM)
         self.stack.restart_worker(child, timeout_s=120)
