@@ -28,6 +28,7 @@ TOOLS: dict[str | tuple[str, str], str] = {
     ("bench", "routing"): "bench.routing",
     ("bench", "router-scale"): "bench.router_scale",
     ("bench", "planner"): "bench.planner",
+    ("bench", "soak"): "bench.soak",
 }
 
 
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("generate", help="generate text locally with the engine (no services)")
     sub.add_parser("certs", help="make a local CA and per-service certificates: `kvmesh certs --out DIR`")
     sub.add_parser("chat", help="interactive streaming chat with a running mesh")
-    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing|planner --help`")
+    sub.add_parser("bench", help="benchmarks: `kvmesh bench serve|replay|routing|router-scale|planner|soak --help`")
     sub.add_parser("calibrate", help="fit the mock engine's timing profile to the real engine")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _status(args)

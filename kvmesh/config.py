@@ -66,6 +66,11 @@ class ServiceSettings:
     mesh_token: str = dataclasses.field(
         default="", metadata=_help("without TLS: shared secret mesh-only endpoints (KV transfer) require")
     )
+    etcd_username: str = dataclasses.field(default="", metadata=_help("etcd user (etcd authentication)"))
+    etcd_password: str = dataclasses.field(default="", metadata=_help("password of --etcd-username"))
+    etcd_ca: str = dataclasses.field(default="", metadata=_help("PEM CA of etcd's certificate: talk to etcd over TLS"))
+    etcd_cert: str = dataclasses.field(default="", metadata=_help("PEM client certificate for etcd (client-cert-auth)"))
+    etcd_key: str = dataclasses.field(default="", metadata=_help("PEM private key of --etcd-cert"))
 
     kind = "service"
 
@@ -86,6 +91,10 @@ class ServiceSettings:
             raise ValueError("trace_sample_ratio must be in [0, 1]")
         if any((self.tls_cert, self.tls_key, self.tls_ca)) and not all((self.tls_cert, self.tls_key, self.tls_ca)):
             raise ValueError("TLS needs all of tls_cert, tls_key and tls_ca")
+        if bool(self.etcd_username) != bool(self.etcd_password):
+            raise ValueError("etcd authentication needs both etcd_username and etcd_password")
+        if (self.etcd_cert or self.etcd_key) and not (self.etcd_cert and self.etcd_key and self.etcd_ca):
+            raise ValueError("an etcd client certificate needs etcd_cert, etcd_key and etcd_ca")
         if not self.instance_id:
             self.instance_id = f"{self.kind}-{socket.gethostname()[:32]}-{uuid.uuid4().hex[:8]}"
             self.instance_id = re.sub(r"[^A-Za-z0-9._-]", "-", self.instance_id)

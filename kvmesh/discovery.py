@@ -16,9 +16,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aetcd
+import grpc
+from aetcd import rpc, watcher
 
+from kvmesh.config import ServiceSettings
 from kvmesh_proto.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -113,13 +117,73 @@ class Registration:
                 await asyncio.wait_for(self._lease.revoke(), _CALL_TIMEOUT_S)
 
 
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How to get into etcd: a user (etcd authentication) and/or TLS (PEM paths; ``cert`` and
+    ``key`` only when etcd checks client certificates). Empty fields: plaintext, no auth."""
+
+    username: str = ""
+    password: str = ""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> EtcdAccess:
+        return cls(settings.etcd_username, settings.etcd_password, settings.etcd_ca, settings.etcd_cert,
+                   settings.etcd_key)  # fmt: skip
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.ca:
+            return None
+        cert = Path(self.cert).read_bytes() if self.cert else None
+        key = Path(self.key).read_bytes() if self.key else None
+        return grpc.ssl_channel_credentials(Path(self.ca).read_bytes(), key, cert)
+
+
+class _EtcdClient(aetcd.Client):
+    """aetcd's client, over TLS when given credentials (aetcd itself only dials plaintext)."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials | None, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None:
+            await super().connect()
+            return
+        # aetcd's own connect (aetcd 1.0), with a secure channel instead of a plaintext one.
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                                   options=self._options.items())  # fmt: skip
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                self.metadata = (("token", (await self.auth_stub.Authenticate(request, timeout=self._timeout)).token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 class Discovery:
     """etcd access for one namespace."""
 
-    def __init__(self, endpoint: str, namespace: str) -> None:
+    def __init__(self, endpoint: str, namespace: str, access: EtcdAccess = EtcdAccess()) -> None:
         host, port = _parse_endpoint(endpoint)
         self.namespace = namespace
-        self.client = aetcd.Client(host=host, port=port, timeout=_CALL_TIMEOUT_S)
+        self.client = _EtcdClient(access.credentials(), host=host, port=port, timeout=_CALL_TIMEOUT_S,
+                                  username=access.username or None, password=access.password or None)  # fmt: skip
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh import tls
 from kvmesh.config import ServiceSettings
-from kvmesh.discovery import Discovery, Registration
+from kvmesh.discovery import Discovery, EtcdAccess, Registration
 from kvmesh.telemetry import setup_telemetry
 from kvmesh_proto.v1 import common_pb2
 
@@ -88,7 +88,7 @@ class ServiceProcess:
                      else self.server.add_insecure_port(bind))  # fmt: skip
         if self.port == 0:
             raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
-        self.discovery = Discovery(settings.etcd_endpoint, settings.namespace)
+        self.discovery = Discovery(settings.etcd_endpoint, settings.namespace, EtcdAccess.from_settings(settings))
         self.registration: Registration | None = None
         self._stop = asyncio.Event()
         self._on_drain: list[Callable[[], Awaitable[None]]] = []

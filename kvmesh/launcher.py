@@ -184,6 +184,13 @@ class LocalStack:
             args += ["--disk-cache-gb", str(o.disk_cache_gb)]
         return args
 
+    def restart_worker(self, child: ServiceChild, timeout_s: float = 60.0) -> str:
+        """Once ``child`` (a worker) has exited, start it again under the same instance id."""
+        child.proc.wait(timeout_s)
+        self.children.remove(child)
+        role, _, index = child.name.rpartition("-")
+        return self.add_worker(role, int(index))
+
     def add_mock_fleet(self, first: int, size: int, role: str = "aggregated") -> list[str]:
         """``size`` mock workers of ``role`` in one process (services/worker/mock_fleet.py): a mock
         worker's cost is its process, so simulations of many workers share a few."""

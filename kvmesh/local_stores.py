@@ -112,27 +112,35 @@ def _start_listening(name: str, cmd: list[str], host: str, port: int, log_path: 
     return store
 
 
-def start_etcd(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.0.0.1") -> StoreProcess:
-    """One-member etcd cluster with its data in data_dir (reused on restart: same data, same port)."""
+def start_etcd(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.0.0.1",
+               tls: tuple[Path, Path, Path] | None = None) -> StoreProcess:  # fmt: skip
+    """One-member etcd cluster with its data in data_dir (reused on restart: same data, same port).
+    ``tls`` = (CA, certificate, key): clients must speak TLS and present a certificate of that CA."""
     port = port or free_port(host)
     peer_port = free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
+    scheme = "https" if tls else "http"
     cmd = [
         etcd_binary(),
         "--name", "kvmesh",
         "--data-dir", str(data_dir),
-        "--listen-client-urls", f"http://{host}:{port}",
-        "--advertise-client-urls", f"http://{host}:{port}",
+        "--listen-client-urls", f"{scheme}://{host}:{port}",
+        "--advertise-client-urls", f"{scheme}://{host}:{port}",
         "--listen-peer-urls", f"http://{host}:{peer_port}",
         "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
         "--initial-cluster", f"kvmesh=http://{host}:{peer_port}",
         "--log-level", "warn",
     ]  # fmt: skip
+    if tls:
+        ca, cert, key = tls
+        cmd += ["--trusted-ca-file", str(ca), "--cert-file", str(cert), "--key-file", str(key), "--client-cert-auth"]
     return _start_listening("etcd", cmd, host, port, log_path)
 
 
-def start_redis(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.0.0.1") -> StoreProcess:
-    """A redis-server without persistence: the index is rebuilt from workers' resyncs anyway."""
+def start_redis(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.0.0.1",
+                password: str = "") -> StoreProcess:  # fmt: skip
+    """A redis-server without persistence: the index is rebuilt from workers' resyncs anyway.
+    With ``password``, clients must AUTH."""
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -144,6 +152,8 @@ def start_redis(data_dir: Path, log_path: Path, port: int = 0, host: str = "127.
         "--appendonly", "no",
         "--protected-mode", "no",
     ]  # fmt: skip
+    if password:
+        cmd += ["--requirepass", password]
     return _start_listening("redis", cmd, host, port, log_path)
 
 

@@ -132,6 +132,12 @@ class GreedyLoad:
 
             await asyncio.gather(*(loop(lane) for lane in range(self.concurrency)))
 
+    def completed(self) -> int:
+        return sum(o.status == 200 for o in self.outcomes)
+
+    async def completed_at_least(self, count: int) -> bool:
+        return self.completed() >= count
+
     def failures(self) -> list[Outcome]:
         """Outcomes that are neither a correct answer nor a clear retriable refusal."""
         return [o for o in self.outcomes if o.error and o.status not in RETRIABLE_HTTP]
