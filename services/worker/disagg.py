@@ -47,6 +47,7 @@ from services.worker.kv_wire import (
     ChunkAssembler,
     TransferError,
     WireChunk,
+    checksum,
     export_to_chunks,
     pull_blocks,
 )
@@ -145,9 +146,9 @@ async def serve_prefill(
         released = True
         chunks = list(export_to_chunks(rest, rest.first_block, chunk_blocks, pull.transfer_id, request.request_id,
                                        sent))  # fmt: skip
-        if not chunks:
+        if not chunks:  # a prompt of whole blocks: the last chunk only carries the first token
             chunks = [WireChunk(transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=request.request_id,
-                                                          chunk_index=sent))]  # fmt: skip
+                                                          chunk_index=sent, checksum=checksum(b"")))]  # fmt: skip
         final = chunks[-1].header
         final.last = True
         final.num_tokens = rest.num_tokens
