@@ -110,8 +110,12 @@ class Policy:
             "prefill": ttft_ok or (ttft_side == "decode" and window.waiting("prefill") == 0),
             "decode": (itl_ok or spill) and (ttft_ok or ttft_side == "prefill"),
         }
+        # The forecast lags (the router counts a request when it ends); a prefill pool whose every
+        # worker has work in flight is busy now, whatever the forecast says.
+        idle_prefill = window.in_flight("prefill") < pools["prefill"]
         can_give = {role: pools[role] > 1 and comfortable[role] and role not in short
-                    and getattr(needs, role) <= pools[role] - 1 for role in ROLES}  # fmt: skip
+                    and getattr(needs, role) <= pools[role] - 1 and (role == "decode" or idle_prefill)
+                    for role in ROLES}  # fmt: skip
         return Assessment(pools, needs, short, can_give)
 
     def decide(self, window: MetricWindow, forecast: LoadForecast, now_s: float) -> Decision | None:

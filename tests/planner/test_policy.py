@@ -160,3 +160,9 @@ def test_sequences_decoding_now_count_before_the_router_sees_them_finish():
     d = policy().decide(busy, LoadForecast(0.0, 300, 0), 1.0)
     assert d is not None and (d.action, d.role) == ("switch", "decode")
     assert "needs" in d.reason
+
+
+def test_a_prefill_pool_with_work_on_every_worker_keeps_them_whatever_the_forecast():
+    """The forecast lags (requests are counted when they end): busy prefill workers stay."""
+    d = policy().decide(window(3, 2, ttft=0.5, itl=0.3, prefill_running=1), LoadForecast(0.0, 300, 128), 1.0)
+    assert d is not None and (d.action, d.role) == ("add", "decode")
