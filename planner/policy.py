@@ -76,6 +76,7 @@ class Policy:
         self.targets = targets
         self.capacity = capacity
         self.last_decision_s: float | None = None
+        self.last_assessment: Assessment | None = None
 
     def in_cooldown(self, now_s: float) -> bool:
         return self.last_decision_s is not None and now_s - self.last_decision_s < self.targets.cooldown_s
@@ -119,10 +120,11 @@ class Policy:
         return Assessment(pools, needs, short, can_give)
 
     def decide(self, window: MetricWindow, forecast: LoadForecast, now_s: float) -> Decision | None:
-        """At most one decision; None in cooldown or when nothing needs doing."""
+        """At most one decision; None in cooldown or when nothing needs doing. The assessment
+        behind it is kept in ``last_assessment`` (exported as metrics)."""
+        self.last_assessment = a = self.assess(window, forecast)
         if self.in_cooldown(now_s):
             return None
-        a = self.assess(window, forecast)
         decision = self._choose(a, window)
         if decision is not None:
             self.last_decision_s = now_s

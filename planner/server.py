@@ -66,8 +66,8 @@ class Planner:
         self.predictor.observe(window)
         # Size for the load one cooldown ahead: that is when the next decision can follow.
         forecast = self.predictor.forecast(max(self.settings.cooldown_s / self.settings.interval_s, 1.0))
-        self.log.observe(self.policy.assess(window, forecast))
         decision = self.policy.decide(window, forecast, time.monotonic())
+        self.log.observe(self.policy.last_assessment)
         if decision is None:
             return
         decision = dataclasses.replace(decision, at_unix=time.time())
