@@ -3,6 +3,8 @@ outcome (dry run, done, failed), counted, and the cooldown holds the next one ba
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import REGISTRY
 
 from kvmesh.config import PlannerSettings
@@ -34,17 +36,18 @@ def _count(action: str, role: str, outcome: str) -> float:
     return value or 0.0
 
 
-def _planner(etcd_server, namespace: str, dry_run: bool) -> tuple[Planner, Discovery]:
+def _planner(etcd_server, namespace: str, dry_run: bool, state_dir: Path) -> tuple[Planner, Discovery]:
     settings = PlannerSettings(etcd_endpoint=etcd_server.endpoint, namespace=namespace, dry_run=dry_run,
-                               metrics_port=-1, cooldown_s=60.0, ttft_p90_ms=2000, itl_p90_ms=100)  # fmt: skip
+                               metrics_port=-1, cooldown_s=60.0, ttft_p90_ms=2000, itl_p90_ms=100,
+                               state_dir=str(state_dir))  # fmt: skip
     discovery = Discovery(settings.etcd_endpoint, settings.namespace)
     planner = Planner(settings, discovery, build_connector(settings, discovery))
     planner.source = FixedSource(window(2, 4, ttft=5.0, itl=0.03, prefill_waiting=6))  # prefill short
     return planner, discovery
 
 
-async def test_a_dry_run_publishes_its_decision_and_the_cooldown_holds_the_next(etcd_server, namespace):
-    planner, discovery = _planner(etcd_server, namespace, dry_run=True)
+async def test_a_dry_run_publishes_its_decision_and_the_cooldown_holds_the_next(etcd_server, namespace, tmp_path):
+    planner, discovery = _planner(etcd_server, namespace, dry_run=True, state_dir=tmp_path)
     before = _count("switch", "prefill", "dry-run")
     try:
         assert isinstance(planner.connector, DryRun)
@@ -59,8 +62,8 @@ async def test_a_dry_run_publishes_its_decision_and_the_cooldown_holds_the_next(
     assert _count("switch", "prefill", "dry-run") == before + 1
 
 
-async def test_a_decision_the_connector_cannot_carry_out_is_recorded_as_failed(etcd_server, namespace):
-    planner, discovery = _planner(etcd_server, namespace, dry_run=False)
+async def test_a_decision_the_connector_cannot_carry_out_is_recorded_as_failed(etcd_server, namespace, tmp_path):
+    planner, discovery = _planner(etcd_server, namespace, dry_run=False, state_dir=tmp_path)
     await planner.connector.close()  # the local connector, replaced by one that fails
     planner.connector = BrokenConnector()
     try:
