@@ -84,7 +84,8 @@ class Policy:
     def assess(self, window: MetricWindow, forecast: LoadForecast) -> Assessment:
         t = self.targets
         pools = {role: len(window.pool(role)) for role in ROLES}
-        needs = self.capacity.needs(forecast, sum(w.running for w in window.pool("decode")))
+        decoding = sum(w.running for w in window.pool("decode"))
+        needs = self.capacity.needs(forecast, decoding, window.in_flight("prefill"))
         ttft, itl = window.ttft_p90_s, window.itl_p90_s
         short: dict[str, str] = {}
         ttft_side = ""  # the pool a TTFT over target is blamed on

@@ -34,7 +34,8 @@ def build_policy(settings: PlannerSettings) -> Policy:
     targets = Targets(settings.ttft_p90_ms / 1000, settings.itl_p90_ms / 1000, settings.hysteresis,
                       settings.cooldown_s, settings.min_workers, settings.max_workers)  # fmt: skip
     capacity = CapacityModel(TimingProfile.load(settings.profile), settings.target_utilization, targets.itl_p90_s,
-                             settings.max_local_prefill_tokens, settings.prefill_chunk_tokens)  # fmt: skip
+                             settings.max_local_prefill_tokens, settings.prefill_chunk_tokens,
+                             targets.ttft_p90_s)  # fmt: skip
     return Policy(targets, capacity)
 
 

@@ -19,7 +19,7 @@ TTFT_S, ITL_S = 2.0, 0.1
 def policy(cooldown_s: float = 30.0, min_workers: int = 2, max_workers: int = 8) -> Policy:
     targets = Targets(TTFT_S, ITL_S, hysteresis=0.2, cooldown_s=cooldown_s, min_workers=min_workers,
                       max_workers=max_workers)  # fmt: skip
-    return Policy(targets, CapacityModel(TimingProfile.load("cpu-smollm2"), 0.7, ITL_S))
+    return Policy(targets, CapacityModel(TimingProfile.load("cpu-smollm2"), 0.7, ITL_S, ttft_target_s=TTFT_S))
 
 
 def window(prefill: int, decode: int, ttft: float | None, itl: float | None, prefill_waiting: int = 0,
@@ -166,3 +166,11 @@ def test_a_prefill_pool_with_work_on_every_worker_keeps_them_whatever_the_foreca
     """The forecast lags (requests are counted when they end): busy prefill workers stay."""
     d = policy().decide(window(3, 2, ttft=0.5, itl=0.3, prefill_running=1), LoadForecast(0.0, 300, 128), 1.0)
     assert d is not None and (d.action, d.role) == ("add", "decode")
+
+
+def test_a_prefill_backlog_asks_for_the_workers_that_clear_it_within_the_ttft_target():
+    model = CapacityModel(TimingProfile.load("cpu-smollm2"), 1.0, ITL_S, ttft_target_s=TTFT_S)
+    quiet = LoadForecast(0.0, 1000, 16)  # the router has seen nothing finish yet
+    assert model.needs(quiet, prefilling=0).prefill == 0.0
+    backlog = model.needs(quiet, prefilling=12).prefill
+    assert backlog == pytest.approx(12 * model.prefill_seconds(1000) / TTFT_S)
