@@ -185,7 +185,8 @@ def format_table(report: dict) -> str:
     for arm in report["arms"]:
         label = "planner" if arm["planner"] else "fixed 4+4"
         for phase, s in [("all", arm["all"]), *arm["phases"].items()]:
-            work, wall = (f"{arm['worker_minutes']:.1f}", f"{arm['worker_minutes_wall']:.1f}") if phase == "all" else ("", "")
+            work, wall = ((f"{arm['worker_minutes']:.1f}", f"{arm['worker_minutes_wall']:.1f}") if phase == "all"
+                          else ("", ""))  # fmt: skip
             lines.append(f"{label:<10} {phase:<20} {s['requests']:>8} {s['errors']:>6} {s['goodput']:>8.1%} "
                          f"{s['ttft_ms_p90']:>7.0f}ms {s['itl_ms_p90']:>6.0f}ms {work:>10} {wall:>16}")  # fmt: skip
     fixed, planned = (a["all"]["goodput"] for a in report["arms"])
