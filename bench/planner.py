@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import random
 import sys
 import tempfile
@@ -84,25 +86,27 @@ def scaled_profile(name: str, scale: float, path: Path) -> Path:
 
 
 class WorkerCount:
-    """Samples the registered prefill / decode workers once a second: worker-minutes and a timeline."""
+    """Samples the registered prefill / decode workers once a second (a worker switching roles
+    is out of etcd for its drain, seconds): the timeline worker-minutes are taken from."""
 
     def __init__(self, etcd_endpoint: str, namespace: str) -> None:
         self._discovery = Discovery(etcd_endpoint, namespace)
         self.timeline: list[tuple[float, int, int]] = []
-        self.worker_seconds = 0.0
 
     async def run(self) -> None:
-        start = last = time.monotonic()
+        start = time.monotonic()
         while True:
-            workers = (await self._discovery.list("worker")).values()
-            now = time.monotonic()
-            roles = [w.role for w in workers]
-            prefill, decode = roles.count("prefill"), roles.count("decode")
-            # Registered workers only: one switching roles is out of etcd for its drain (seconds).
-            self.worker_seconds += len(roles) * (now - last)
-            self.timeline.append((round(now - start, 1), prefill, decode))
-            last = now
+            roles = [w.role for w in (await self._discovery.list("worker")).values()]
+            self.timeline.append((round(time.monotonic() - start, 1), roles.count("prefill"), roles.count("decode")))
             await asyncio.sleep(1.0)
+
+    def worker_minutes(self, until_s: float = math.inf) -> float:
+        """Registered workers integrated over the first ``until_s`` seconds."""
+        total = 0.0
+        for (t0, prefill, decode), (t1, _, _) in itertools.pairwise(self.timeline):
+            if t0 < until_s:
+                total += (prefill + decode) * (min(t1, until_s) - t0)
+        return total / 60
 
     async def decisions(self) -> list[dict]:
         return await read_decisions(self._discovery)
@@ -155,8 +159,10 @@ def run_arm(args: argparse.Namespace, planner: bool, requests: list[TraceRequest
     finally:
         stack.stop()
     summary = summarize(results, names, args.ttft_p90_ms, args.itl_p90_ms)
-    return {"planner": planner, "wall_s": wall_s, "worker_minutes": count.worker_seconds / 60, **summary,
-            "timeline": count.timeline, "decisions": decisions}  # fmt: skip
+    # Over the workload (until its last arrival), and over the whole run (until the last answer).
+    return {"planner": planner, "wall_s": wall_s, "worker_minutes": count.worker_minutes(args.duration_s),
+            "worker_minutes_wall": count.worker_minutes(), **summary, "timeline": count.timeline,
+            "decisions": decisions}  # fmt: skip
 
 
 async def _drive(stack: LocalStack, requests: list[TraceRequest],
@@ -175,13 +181,14 @@ async def _drive(stack: LocalStack, requests: list[TraceRequest],
 
 def format_table(report: dict) -> str:
     lines = [f"{'arm':<10} {'phase':<20} {'requests':>8} {'errors':>6} {'goodput':>8} {'TTFT p90':>9} "
-             f"{'ITL p90':>8} {'worker-min':>10}"]  # fmt: skip
+             f"{'ITL p90':>8} {'worker-min':>10} {'(to last answer)':>16}"]  # fmt: skip
     for arm in report["arms"]:
         label = "planner" if arm["planner"] else "fixed 4+4"
         for phase, s in [("all", arm["all"]), *arm["phases"].items()]:
-            minutes = f"{arm['worker_minutes']:.1f}" if phase == "all" else ""
+            work, wall = ((f"{arm['worker_minutes']:.1f}", f"{arm['worker_minutes_wall']:.1f}") if phase == "all"
+                          else ("", ""))  # fmt: skip
             lines.append(f"{label:<10} {phase:<20} {s['requests']:>8} {s['errors']:>6} {s['goodput']:>8.1%} "
-                         f"{s['ttft_ms_p90']:>7.0f}ms {s['itl_ms_p90']:>6.0f}ms {minutes:>10}")  # fmt: skip
+                         f"{s['ttft_ms_p90']:>7.0f}ms {s['itl_ms_p90']:>6.0f}ms {work:>10} {wall:>16}")  # fmt: skip
     fixed, planned = (a["all"]["goodput"] for a in report["arms"])
     lines.append(f"goodput planner / fixed: {planned / fixed:.2f}×" if fixed else "fixed split goodput is 0")
     return "\n".join(lines)

@@ -82,7 +82,7 @@ async def collect_status(etcd_endpoint: str, namespace: str) -> list[dict[str, A
 
 def _decision_line(d: dict[str, Any]) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(d.get("at_unix", 0)))
-    who = f" {d['worker_id']}" if d.get("worker_id") else ""
+    who = f" {', '.join(d['worker_ids'])}" if d.get("worker_ids") else ""
     return f"  {when} {d.get('action')} {d.get('role')}{who} [{d.get('outcome')}]: {d.get('reason')}"
 
 

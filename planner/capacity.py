@@ -31,11 +31,12 @@ class PoolNeeds:
 
 
 class CapacityModel:
-    def __init__(self, profile: TimingProfile, utilization: float, itl_target_s: float,
-                 local_prefill_tokens: int = 256, chunk_tokens: int = 256) -> None:  # fmt: skip
+    def __init__(self, profile: TimingProfile, utilization: float, itl_target_s: float, local_prefill_tokens: int = 256,
+                 chunk_tokens: int = 256, ttft_target_s: float = 0.0) -> None:  # fmt: skip
         self.coef = profile.coefficients
         self.utilization = utilization
         self.itl_target_s = itl_target_s
+        self.ttft_target_s = ttft_target_s
         self.local_prefill_tokens = local_prefill_tokens
         self.chunk_tokens = max(chunk_tokens, 1)
 
@@ -61,11 +62,15 @@ class CapacityModel:
         per_row = self.coef["per_decode_seq"] + self.coef["per_decode_context_token"] * context_tokens
         return max(self.itl_target_s - base, 0.0) / per_row if per_row > 0 else math.inf
 
-    def needs(self, forecast: LoadForecast, decoding: int = 0) -> PoolNeeds:
-        """``decoding``: sequences running on the decode pool now. Counted as well as the forecast,
-        because the router's counters see a request only when it finishes — a minute late for a
-        long answer — while the workers' own reports see it at once."""
-        prefill = forecast.request_rate * self.prefill_seconds(forecast.prompt_tokens) / self.utilization
+    def needs(self, forecast: LoadForecast, decoding: int = 0, prefilling: int = 0) -> PoolNeeds:
+        """``decoding`` / ``prefilling``: requests on the decode / prefill pool now. Counted as well
+        as the forecast, because the router's counters see a request only when it finishes — a
+        minute late for a long answer — while the workers' own reports see it at once. A prefill
+        backlog needs the workers that clear it within the TTFT target."""
+        busy = forecast.request_rate * self.prefill_seconds(forecast.prompt_tokens)
+        if self.ttft_target_s > 0:
+            busy = max(busy, prefilling * self.prefill_seconds(forecast.prompt_tokens) / self.ttft_target_s)
+        prefill = busy / self.utilization
         rows = self.rows_per_step(forecast.prompt_tokens + forecast.output_tokens / 2)
         observed = decoding / rows if rows else math.inf
         decode = max(self.decode_workers(forecast), observed) / self.utilization

@@ -54,12 +54,13 @@ class DecisionLog:
         """``outcome``: done, failed: <why>, or dry-run."""
         entry = {**decision.as_dict(), "outcome": outcome, "dry_run": dry_run}
         log.info("decision: %s %s%s — %s [%s]", decision.action, decision.role,
-                 f" ({decision.worker_id})" if decision.worker_id else "", decision.reason, outcome)  # fmt: skip
+                 f" ({', '.join(decision.worker_ids)})" if decision.worker_ids else "", decision.reason,
+                 outcome)  # fmt: skip
         DECISIONS.labels(decision.action, decision.role, outcome.split(":")[0]).inc()
         LAST_DECISION.set(decision.at_unix)
         span = start_span("planner.decision", attributes={"kvmesh.planner.action": decision.action,
                                                           "kvmesh.planner.role": decision.role,
-                                                          "kvmesh.worker_id": decision.worker_id})  # fmt: skip
+                                                          "kvmesh.worker_ids": list(decision.worker_ids)})  # fmt: skip
         span.add_event("decision", {"reason": decision.reason, "outcome": outcome})
         span.end()
         self.recent = [*self.recent, entry][-KEPT:]

@@ -196,11 +196,24 @@ async def read_worker(info: common_pb2.InstanceInfo) -> WorkerLoad:
 
 
 class MetricsSource:
-    """Reads the mesh once per planner tick."""
+    """Reads the mesh once per planner tick.
 
-    def __init__(self, discovery: Discovery, window_s: float) -> None:
+    A worker missing from etcd for less than ``absent_grace_s`` still counts, in the role it
+    last had: on a loaded machine a lease can lapse for a moment before the worker registers
+    again, and a pool that seemed to shrink for one look would call for a worker it has.
+    """
+
+    def __init__(self, discovery: Discovery, window_s: float, absent_grace_s: float = 10.0) -> None:
         self._discovery = discovery
         self._routers = RouterWindow(window_s)
+        self._absent_grace_s = absent_grace_s
+        self._seen: dict[str, tuple[common_pb2.InstanceInfo, float]] = {}
+
+    def _workers(self, registered: Iterable[common_pb2.InstanceInfo], now: float) -> list[common_pb2.InstanceInfo]:
+        for info in registered:
+            self._seen[info.instance_id] = (info, now)
+        self._seen = {k: (info, at) for k, (info, at) in self._seen.items() if now - at <= self._absent_grace_s}
+        return sorted((info for info, _ in self._seen.values()), key=lambda info: info.instance_id)
 
     async def _router_sample(self, routers: Iterable[common_pb2.InstanceInfo]) -> RouterSample:
         sample = RouterSample(time.monotonic())
@@ -218,5 +231,5 @@ class MetricsSource:
         routers = [i for i in instances.values() if i.kind == "router"]
         workers = [i for i in instances.values() if i.kind == "worker" and i.role in ("prefill", "decode")]
         self._routers.add(await self._router_sample(routers))
-        loads = await asyncio.gather(*(read_worker(info) for info in sorted(workers, key=lambda i: i.instance_id)))
+        loads = await asyncio.gather(*(read_worker(info) for info in self._workers(workers, time.monotonic())))
         return self._routers.summarize(list(loads))

@@ -37,13 +37,14 @@ class Targets:
 
 @dataclass(frozen=True)
 class Decision:
-    """One change to the mesh and why. ``switch``: ``worker_id`` becomes ``role``; ``add``: a new
-    ``role`` worker; ``remove``: ``worker_id`` (a ``role`` worker) stops."""
+    """One change to the mesh and why. ``switch``: the ``worker_ids`` become ``role`` (several at
+    once when the forecast is short by several); ``add``: a new ``role`` worker; ``remove``: the
+    one worker in ``worker_ids`` (a ``role`` worker) stops."""
 
     action: str
     role: str
     reason: str
-    worker_id: str = ""
+    worker_ids: tuple[str, ...] = ()
     at_unix: float = 0.0
 
     def as_dict(self) -> dict:
@@ -76,6 +77,7 @@ class Policy:
         self.targets = targets
         self.capacity = capacity
         self.last_decision_s: float | None = None
+        self.last_assessment: Assessment | None = None
 
     def in_cooldown(self, now_s: float) -> bool:
         return self.last_decision_s is not None and now_s - self.last_decision_s < self.targets.cooldown_s
@@ -83,7 +85,8 @@ class Policy:
     def assess(self, window: MetricWindow, forecast: LoadForecast) -> Assessment:
         t = self.targets
         pools = {role: len(window.pool(role)) for role in ROLES}
-        needs = self.capacity.needs(forecast, sum(w.running for w in window.pool("decode")))
+        decoding = sum(w.running for w in window.pool("decode"))
+        needs = self.capacity.needs(forecast, decoding, window.in_flight("prefill"))
         ttft, itl = window.ttft_p90_s, window.itl_p90_s
         short: dict[str, str] = {}
         ttft_side = ""  # the pool a TTFT over target is blamed on
@@ -110,15 +113,20 @@ class Policy:
             "prefill": ttft_ok or (ttft_side == "decode" and window.waiting("prefill") == 0),
             "decode": (itl_ok or spill) and (ttft_ok or ttft_side == "prefill"),
         }
+        # The forecast lags (the router counts a request when it ends); a prefill pool whose every
+        # worker has work in flight is busy now, whatever the forecast says.
+        idle_prefill = window.in_flight("prefill") < pools["prefill"]
         can_give = {role: pools[role] > 1 and comfortable[role] and role not in short
-                    and getattr(needs, role) <= pools[role] - 1 for role in ROLES}  # fmt: skip
+                    and getattr(needs, role) <= pools[role] - 1 and (role == "decode" or idle_prefill)
+                    for role in ROLES}  # fmt: skip
         return Assessment(pools, needs, short, can_give)
 
     def decide(self, window: MetricWindow, forecast: LoadForecast, now_s: float) -> Decision | None:
-        """At most one decision; None in cooldown or when nothing needs doing."""
+        """At most one decision; None in cooldown or when nothing needs doing. The assessment
+        behind it is kept in ``last_assessment`` (exported as metrics)."""
+        self.last_assessment = a = self.assess(window, forecast)
         if self.in_cooldown(now_s):
             return None
-        a = self.assess(window, forecast)
         decision = self._choose(a, window)
         if decision is not None:
             self.last_decision_s = now_s
@@ -137,18 +145,18 @@ class Policy:
             role = next(iter(a.short))
             donor = _other(role)
             if a.can_give[donor]:
-                worker = _least_loaded(window.pool(donor))
-                return Decision("switch", role, f"{a.short[role]}; {donor} pool can spare one "
-                                f"(needs {a.need(donor):.1f} of {a.pools[donor]})", worker.worker_id)  # fmt: skip
+                moved = _least_loaded(window.pool(donor), _switch_count(a, role, donor))
+                return Decision("switch", role, f"{a.short[role]}; {donor} pool can spare {len(moved)} "
+                                f"(needs {a.need(donor):.1f} of {a.pools[donor]})", moved)  # fmt: skip
             if total < t.max_workers:
                 return Decision("add", role, f"{a.short[role]}; {donor} pool cannot spare one")
             return None
         if total > t.min_workers:
             for role in ROLES:
                 if a.can_give[role]:
-                    worker = _least_loaded(window.pool(role))
                     return Decision("remove", role, f"no pool short; {role} p90 under target by the margin and "
-                                    f"needs {a.need(role):.1f} of {a.pools[role]}", worker.worker_id)  # fmt: skip
+                                    f"needs {a.need(role):.1f} of {a.pools[role]}",
+                                    _least_loaded(window.pool(role), 1))  # fmt: skip
         return None
 
 
@@ -157,5 +165,15 @@ def needs_more(need: float, have: int) -> bool:
     return math.isinf(need) or need >= have + 1
 
 
-def _least_loaded(pool: list[WorkerLoad]) -> WorkerLoad:
-    return min(pool, key=lambda w: (w.running + w.waiting, w.worker_id))
+def _switch_count(a: Assessment, role: str, donor: str) -> int:
+    """Workers to move at once: the receiving pool's whole shortfall by the forecast, as far as
+    the donor's forecast leaves it enough (at least one, which ``can_give`` guarantees): one a
+    cooldown would take a phase change several cooldowns to follow."""
+    shortfall = a.pools[donor] if math.isinf(a.need(role)) else math.ceil(a.need(role)) - a.pools[role]
+    spare = a.pools[donor] - max(math.ceil(a.need(donor)), 1)
+    return max(1, min(shortfall, spare))
+
+
+def _least_loaded(pool: list[WorkerLoad], count: int) -> tuple[str, ...]:
+    ranked = sorted(pool, key=lambda w: (w.running + w.waiting, w.worker_id))
+    return tuple(w.worker_id for w in ranked[:count])

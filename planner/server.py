@@ -34,7 +34,8 @@ def build_policy(settings: PlannerSettings) -> Policy:
     targets = Targets(settings.ttft_p90_ms / 1000, settings.itl_p90_ms / 1000, settings.hysteresis,
                       settings.cooldown_s, settings.min_workers, settings.max_workers)  # fmt: skip
     capacity = CapacityModel(TimingProfile.load(settings.profile), settings.target_utilization, targets.itl_p90_s,
-                             settings.max_local_prefill_tokens, settings.prefill_chunk_tokens)  # fmt: skip
+                             settings.max_local_prefill_tokens, settings.prefill_chunk_tokens,
+                             targets.ttft_p90_s)  # fmt: skip
     return Policy(targets, capacity)
 
 
@@ -66,8 +67,8 @@ class Planner:
         self.predictor.observe(window)
         # Size for the load one cooldown ahead: that is when the next decision can follow.
         forecast = self.predictor.forecast(max(self.settings.cooldown_s / self.settings.interval_s, 1.0))
-        self.log.observe(self.policy.assess(window, forecast))
         decision = self.policy.decide(window, forecast, time.monotonic())
+        self.log.observe(self.policy.last_assessment)
         if decision is None:
             return
         decision = dataclasses.replace(decision, at_unix=time.time())

@@ -59,12 +59,13 @@ class KubernetesConnector:
     def _apply(self, decision: Decision) -> None:
         if decision.action == "switch":
             other = "decode" if decision.role == "prefill" else "prefill"
-            self.scale(decision.role, +1)  # up first: capacity never dips below today's
-            self.scale(other, -1)
+            count = len(decision.worker_ids) or 1
+            self.scale(decision.role, +count)  # up first: capacity never dips below today's
+            self.scale(other, -count)
         elif decision.action == "add":
             self.scale(decision.role, +1)
         elif decision.action == "remove":
-            self.scale(decision.role, -1)
+            self.scale(decision.role, -(len(decision.worker_ids) or 1))
         else:
             raise ValueError(f"unknown action {decision.action!r}")
 

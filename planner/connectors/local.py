@@ -41,14 +41,16 @@ class LocalConnector:
 
     async def apply(self, decision: Decision) -> None:
         if decision.action == "switch":
-            await self._switch(decision.worker_id, decision.role)
+            # In parallel: each drains its own in-flight requests.
+            await asyncio.gather(*(self._switch(worker_id, decision.role) for worker_id in decision.worker_ids))
         elif decision.action == "add":
             self._added += 1
             index = f"planned{os.getpid()}-{self._added}"
             instance_id = await asyncio.to_thread(self._stack.add_worker, decision.role, index)
             log.info("started %s worker %s", decision.role, instance_id)
         elif decision.action == "remove":
-            await self._remove(decision.worker_id)
+            for worker_id in decision.worker_ids:
+                await self._remove(worker_id)
         else:
             raise ValueError(f"unknown action {decision.action!r}")
 

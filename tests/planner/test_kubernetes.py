@@ -82,7 +82,7 @@ def connector(api: FakeApiServer, tmp_path) -> KubernetesConnector:
 
 
 async def test_a_switch_to_prefill_scales_prefill_up_then_decode_down(api, connector):
-    await connector.apply(Decision("switch", "prefill", "TTFT over target", "decode-x"))
+    await connector.apply(Decision("switch", "prefill", "TTFT over target", ("decode-x",)))
     patches = [(path, body) for method, path, _, body in api.requests if method == "PATCH"]
     assert patches == [(SCALE.format("prefill"), {"spec": {"replicas": 3}}),
                        (SCALE.format("decode"), {"spec": {"replicas": 2}})]  # fmt: skip
@@ -92,7 +92,7 @@ async def test_a_switch_to_prefill_scales_prefill_up_then_decode_down(api, conne
 
 async def test_add_and_remove_change_one_deployment_by_one(api, connector):
     await connector.apply(Decision("add", "decode", "ITL over target"))
-    await connector.apply(Decision("remove", "prefill", "idle", "prefill-y"))
+    await connector.apply(Decision("remove", "prefill", "idle", ("prefill-y",)))
     assert api.replicas == {"prefill": 1, "decode": 4}
 
 

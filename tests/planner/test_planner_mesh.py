@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from kvmesh.discovery import Discovery
 from kvmesh.grpc_service import mesh_channel
 from kvmesh.launcher import LocalStack, StackOptions
 from kvmesh.local_stores import free_port
+from kvmesh.status import collect_status, format_table
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
 from planner.decision_log import read_decisions
 
@@ -164,3 +167,12 @@ def test_the_planner_follows_prompts_turning_long_then_answers_turning_long(mesh
     assert any(d["action"] == "switch" and d["role"] == "decode" and d["at_unix"] > start + 60 for d in decisions)
     times = [d["at_unix"] for d in decisions]
     assert all(b - a >= COOLDOWN_S * 0.9 for a, b in itertools.pairwise(times)), times
+
+    # Visible in `kvmesh status` and on the router's dashboard.
+    rows = asyncio.run(collect_status(mesh.stack.etcd_endpoint, mesh.stack.options.namespace))
+    planner = next(row for row in rows if row["kind"] == "planner")
+    assert planner["healthy"] and planner["decisions"] and planner["decisions"][0] in decisions
+    assert "planner " in format_table(rows) and decisions[-1]["reason"] in format_table(rows)
+    with urllib.request.urlopen(f"http://127.0.0.1:{mesh.stack.options.http_port}/dashboard/data") as response:
+        shown = json.load(response)["planner"]
+    assert all(d in shown for d in decisions[-5:])

@@ -19,7 +19,7 @@ TTFT_S, ITL_S = 2.0, 0.1
 def policy(cooldown_s: float = 30.0, min_workers: int = 2, max_workers: int = 8) -> Policy:
     targets = Targets(TTFT_S, ITL_S, hysteresis=0.2, cooldown_s=cooldown_s, min_workers=min_workers,
                       max_workers=max_workers)  # fmt: skip
-    return Policy(targets, CapacityModel(TimingProfile.load("cpu-smollm2"), 0.7, ITL_S))
+    return Policy(targets, CapacityModel(TimingProfile.load("cpu-smollm2"), 0.7, ITL_S, ttft_target_s=TTFT_S))
 
 
 def window(prefill: int, decode: int, ttft: float | None, itl: float | None, prefill_waiting: int = 0,
@@ -38,13 +38,13 @@ LONG_ANSWERS = LoadForecast(4.0, 300.0, 400.0)  # decode-heavy
 def test_slow_first_tokens_with_a_prefill_queue_take_a_worker_from_an_idle_decode_pool():
     d = policy().decide(window(2, 4, ttft=5.0, itl=0.03, prefill_waiting=6), LoadForecast(0.2, 1000, 16), 100.0)
     assert d is not None and (d.action, d.role) == ("switch", "prefill")
-    assert d.worker_id == "d0"  # the least loaded decode worker
+    assert d.worker_ids[0] == "d0"  # the least loaded decode worker first
     assert "TTFT p90 5000 ms > target 2000 ms" in d.reason
 
 
 def test_slow_tokens_take_a_worker_from_a_comfortable_prefill_pool():
     d = policy().decide(window(4, 2, ttft=0.4, itl=0.25), LoadForecast(0.05, 300, 200), 100.0)
-    assert d is not None and (d.action, d.role, d.worker_id) == ("switch", "decode", "p0")
+    assert d is not None and (d.action, d.role, d.worker_ids[0]) == ("switch", "decode", "p0")
     assert "ITL p90 250 ms > target 100 ms" in d.reason
 
 
@@ -97,19 +97,28 @@ def test_nothing_changes_when_targets_are_met_at_the_minimum_size():
 def test_a_steady_load_near_the_threshold_gives_at_most_one_decision_per_cooldown():
     """TTFT wobbles around its target tick after tick (±10%); the other pool is comfortable."""
     p = policy(cooldown_s=30.0)
-    times = []
+    times, prefill = [], 3
     for tick in range(120):  # 2 s ticks, 240 s
         now = tick * 2.0
         ttft = TTFT_S * (1.1 if tick % 2 else 0.9)
-        prefill = 3 + sum(1 for _ in times)  # each decision moved a worker to prefill
-        decode = 8 - prefill
-        if decode < 1:
-            break
-        if p.decide(window(prefill, decode, ttft=ttft, itl=0.05, prefill_waiting=2), LoadForecast(0.1, 1000, 16),
-                    now) is not None:  # fmt: skip
+        d = p.decide(window(prefill, 8 - prefill, ttft=ttft, itl=0.05, prefill_waiting=2),
+                     LoadForecast(0.1, 1000, 16), now)  # fmt: skip
+        if d is not None:
             times.append(now)
+            prefill += len(d.worker_ids) if d.action == "switch" and d.role == "prefill" else 0
     assert times, "a TTFT over target should move a worker"
     assert all(b - a >= 30.0 for a, b in itertools.pairwise(times))
+
+
+def test_a_pool_far_short_gets_several_workers_in_one_decision():
+    """120 sequences decoding on 2 workers that hold ~15 rows each under the ITL target: the
+    prefill pool, idle, gives all it can spare at once (it keeps one worker)."""
+    busy = window(6, 2, ttft=0.3, itl=0.3)
+    for worker in busy.pool("decode"):
+        worker.running = 60
+    d = policy().decide(busy, LoadForecast(0.0, 300, 0), 1.0)
+    assert d is not None and (d.action, d.role, len(d.worker_ids)) == ("switch", "decode", 5)
+    assert len(set(d.worker_ids)) == 5 and all(w.startswith("p") for w in d.worker_ids)
 
 
 def test_a_move_is_not_undone_by_the_next_look():
@@ -160,3 +169,17 @@ def test_sequences_decoding_now_count_before_the_router_sees_them_finish():
     d = policy().decide(busy, LoadForecast(0.0, 300, 0), 1.0)
     assert d is not None and (d.action, d.role) == ("switch", "decode")
     assert "needs" in d.reason
+
+
+def test_a_prefill_pool_with_work_on_every_worker_keeps_them_whatever_the_forecast():
+    """The forecast lags (requests are counted when they end): busy prefill workers stay."""
+    d = policy().decide(window(3, 2, ttft=0.5, itl=0.3, prefill_running=1), LoadForecast(0.0, 300, 128), 1.0)
+    assert d is not None and (d.action, d.role) == ("add", "decode")
+
+
+def test_a_prefill_backlog_asks_for_the_workers_that_clear_it_within_the_ttft_target():
+    model = CapacityModel(TimingProfile.load("cpu-smollm2"), 1.0, ITL_S, ttft_target_s=TTFT_S)
+    quiet = LoadForecast(0.0, 1000, 16)  # the router has seen nothing finish yet
+    assert model.needs(quiet, prefilling=0).prefill == 0.0
+    backlog = model.needs(quiet, prefilling=12).prefill
+    assert backlog == pytest.approx(12 * model.prefill_seconds(1000) / TTFT_S)

@@ -144,6 +144,20 @@ async def assert_no_blocks_held(*engines: AsyncEngine) -> None:
         assert stats.blocks_free + stats.blocks_cached == stats.blocks_total, stats
 
 
+async def test_a_prompt_of_whole_blocks_is_pulled_without_a_retry(workers, engine, tokenizer, prefill_engine,
+                                                                  decode_engine):  # fmt: skip
+    """Its last chunk carries no block, only the first token: its checksum is the empty
+    payload's, so the pull succeeds the first time (it used to fail and prefill locally)."""
+    prompt = prompt_ids(tokenizer, "harbor")
+    block_size = prefill_engine.engine.config.block_size
+    prompt = prompt[: len(prompt) // block_size * block_size]
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    assert await decode(workers, prompt, "whole-blocks-1") == expected(engine, prompt)
+    assert workers.proxy.pulls == 1
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
 async def test_a_corrupted_chunk_is_rejected_and_the_pull_retried(workers, engine, tokenizer, prefill_engine,
                                                                   decode_engine):  # fmt: skip
     prompt = prompt_ids(tokenizer, "copper")
