@@ -244,5 +244,13 @@ class LowerTiers:
         return events
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        """On a graceful stop, host-memory blocks go to disk too (a restart finds them), then
+        every queued write finishes."""
+        if self.disk is None:
+            return
+        if self.host is not None:
+            if self.kv_cache.is_cuda:
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            for block_hash in list(self.host.slots):
+                self.disk.store(block_hash, self.host.view(block_hash).clone())
+        self.disk.close()
