@@ -124,6 +124,15 @@ class WorkerSettings(ServiceSettings):
         default=2.0, metadata=_help("KV tier G3: local disk for blocks evicted from host memory; 0 = off"))
     disk_cache_dir: str = dataclasses.field(default="", metadata=_help(
         "G3 directory (kept across restarts; one per worker); default: <tmp>/kvmesh-kv-cache/<instance-id>"))
+    peer_fetch: bool = dataclasses.field(
+        default=True, metadata=_help("pull a prefix a peer holds (router's hint) when cheaper than recomputing it"))
+    # Starting estimates only, replaced by running averages of this worker's own pulls and
+    # prefills: ~0.9 ms is an fp32 SmolLM2 block at the ~800 MB/s bench/kv_transfer measured over
+    # loopback gRPC; 27 ms its prefill per block on this CPU (bench/kv_tiers.py).
+    peer_transfer_ms_per_block: float = dataclasses.field(
+        default=1.0, metadata=_help("peer fetch: first estimate of one block's pull time"))
+    prefill_ms_per_block: float = dataclasses.field(
+        default=20.0, metadata=_help("peer fetch: first estimate of one block's prefill time"))
     max_num_seqs: int = dataclasses.field(default=0, metadata=_help("concurrent sequences; 0 = engine default"))
     max_model_len: int = dataclasses.field(default=0, metadata=_help("context length; 0 = the model's"))
     num_threads: int = dataclasses.field(default=0, metadata=_help("torch threads; 0 = torch's default"))

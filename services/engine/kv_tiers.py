@@ -239,6 +239,16 @@ class LowerTiers:
         self.hit_blocks[TIER_DISK] += 1
         return True
 
+    def read(self, block_hash: int) -> torch.Tensor | None:
+        """A lower-tier block's bytes on the host, left where they are (a peer's fetch)."""
+        if self.host is not None and block_hash in self.host:
+            if self.kv_cache.is_cuda:
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            return self.host.view(block_hash).clone()
+        if self.disk is not None and block_hash in self.disk:
+            return self.disk.load(block_hash)
+        return None
+
     def take_events(self) -> list[KvEvent]:
         events, self.events = self.events, []
         return events
