@@ -178,11 +178,12 @@ class RouterSettings(ServiceSettings):
         default=2.0, metadata=_help("cost of one block to prefill relative to one active decode block")
     )
     # Lower KV tiers in router/scoring.py's cost: a block copy's time over a block's prefill time,
-    # medians measured with `python -m bench.kv_tiers` (SmolLM2-135M, CPU, float32).
+    # medians measured with `python -m bench.kv_tiers` (SmolLM2-135M, CPU, float32, two runs at
+    # load 3-8: host 0.001-0.002, disk 0.011-0.012). On a GPU compute is far faster: re-measure.
     host_tier_weight: float = dataclasses.field(
-        default=0.05, metadata=_help("cost of promoting a block from a worker's host memory, in block prefills"))
+        default=0.002, metadata=_help("cost of promoting a block from a worker's host memory, in block prefills"))
     disk_tier_weight: float = dataclasses.field(
-        default=0.1, metadata=_help("cost of promoting a block from a worker's disk, in block prefills"))
+        default=0.012, metadata=_help("cost of promoting a block from a worker's disk, in block prefills"))
     router_temperature: float = dataclasses.field(
         default=0.0, metadata=_help("softmax temperature over costs; 0 = always the cheapest")
     )

@@ -69,8 +69,8 @@ class PeerFetcher:
             return 0
         started = time.monotonic()
         try:
-            kv = await self._pull(request.kv_peer_address, block_hashes(tokens[: want * self.block_size],
-                                                                        self.block_size), held)
+            hashes = block_hashes(tokens[: want * self.block_size], self.block_size)
+            kv = await pull_cached(request.kv_peer_address, hashes, held, self.timeout_s)
             kept = await self.engine.run(lambda e: e.import_cached(tokens, kv))
         except (grpc.aio.AioRpcError, TransferError, ValueError) as exc:
             self.failures += 1
@@ -83,16 +83,20 @@ class PeerFetcher:
         self.fetched_blocks += kept
         return kept
 
-    async def _pull(self, address: str, hashes: list[int], skip: int) -> KvExport:
-        assembler = ChunkAssembler(skip)
-        pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, block_hashes=hashes, skip_blocks=skip)
-        async with mesh_channel(address) as channel:
-            async for received in pull_blocks(channel)(pull, timeout=self.timeout_s, metadata=outgoing_metadata()):
-                if received is None:
-                    raise TransferError("a message from the peer is not a KvBlockChunk")
-                assembler.add(*received)
-        observe_transfer("received", assembler.bytes_received, assembler.next_block - skip)
-        return assembler.kv([])
+
+
+async def pull_cached(address: str, hashes: list[int], skip: int, timeout_s: float) -> KvExport:
+    """The blocks ``skip..`` of the chain ``hashes`` that the worker at ``address`` holds, checked
+    chunk by chunk (raises TransferError or gRPC's error)."""
+    assembler = ChunkAssembler(skip)
+    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, block_hashes=hashes, skip_blocks=skip)
+    async with mesh_channel(address) as channel:
+        async for received in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
+            if received is None:
+                raise TransferError("a message from the peer is not a KvBlockChunk")
+            assembler.add(*received)
+    observe_transfer("received", assembler.bytes_received, assembler.next_block - skip)
+    return assembler.kv([])
 
 
 async def serve_cached(engine: AsyncEngine, pull: transfer_pb2.PullBlocksRequest) -> list[WireChunk]:
