@@ -13,6 +13,7 @@ promoting each block it finds back into the pool (the tiers copy the bytes).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from kvmesh.hashing import block_hash
 from services.engine.kv_events import BlockRemoved, BlockStored, KvEvent
@@ -167,20 +168,14 @@ class BlockManager:
 
     def held_prefix_length(self, token_ids: list[int]) -> int:
         """Leading full blocks of ``token_ids`` held in the pool or a lower tier (read-only)."""
-        if not self.enable_prefix_caching:
-            return 0
-        bs = self.block_size
-        parent: int | None = None
-        count = 0
-        for i in range((len(token_ids) - 1) // bs):
-            parent = block_hash(token_ids[i * bs : (i + 1) * bs], parent)
-            if parent not in self.hash_to_block and (self.tiers is None or self.tiers.tier_of(parent) is None):
-                break
-            count += 1
-        return count
+        return self._leading_blocks(token_ids, lambda h: h in self.hash_to_block or (
+            self.tiers is not None and self.tiers.tier_of(h) is not None))
 
     def cached_prefix_length(self, token_ids: list[int]) -> int:
         """How many leading full blocks of ``token_ids`` this pool holds now (read-only)."""
+        return self._leading_blocks(token_ids, self.hash_to_block.__contains__)
+
+    def _leading_blocks(self, token_ids: list[int], held: Callable[[int], bool]) -> int:
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
@@ -188,7 +183,7 @@ class BlockManager:
         count = 0
         for i in range((len(token_ids) - 1) // bs):
             parent = block_hash(token_ids[i * bs : (i + 1) * bs], parent)
-            if parent not in self.hash_to_block:
+            if not held(parent):
                 break
             count += 1
         return count

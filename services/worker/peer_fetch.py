@@ -28,6 +28,7 @@ from services.worker.kv_wire import (
     ChunkAssembler,
     TransferError,
     WireChunk,
+    checksum,
     export_to_chunks,
     pull_blocks,
 )
@@ -105,8 +106,9 @@ async def serve_cached(engine: AsyncEngine, pull: transfer_pb2.PullBlocksRequest
     export = await engine.run(lambda e: e.export_cached(list(pull.block_hashes), pull.skip_blocks))
     chunks = list(export_to_chunks(export, export.first_block, pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS,
                                    pull.transfer_id, pull.request_id))
-    if not chunks:
-        chunks = [WireChunk(transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=pull.request_id))]
+    if not chunks:  # nothing held: one empty chunk, checksummed like any other
+        chunks = [WireChunk(transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=pull.request_id,
+                                                      checksum=checksum(b"")))]
     chunks[-1].header.last = True
     chunks[-1].header.num_tokens = export.num_tokens
     return chunks

@@ -49,3 +49,7 @@ async def test_a_worker_pulls_a_prefix_its_peer_holds_and_answers_as_a_cold_run(
     expected_other = engine.generate([other], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
     tokens, _ = await generate(rows[puller], other, f"127.0.0.1:{free_port()}", 4)
     assert tokens == expected_other[0].new_token_ids
+    # A peer that holds none of it (the router's index was stale): nothing kept, computed here.
+    unknown = tokenizer.encode(f"Unrelated note {uuid.uuid4().hex}: " + "the archive closes at noon. " * 12)
+    tokens, cached = await generate(rows[puller], unknown, rows[holder], 4)
+    assert cached == 0 and len(tokens) == MAX_TOKENS
