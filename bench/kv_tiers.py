@@ -103,7 +103,8 @@ def fetch_then_first_token_s(engine: Engine, peer: Peer, request_id: str, prompt
     want, held = (len(prompt) - 1) // bs, engine.held_prefix_blocks(prompt)
     if want > held:
         kv = asyncio.run(pull_cached(peer.address, block_hashes(prompt[: want * bs], bs), held, 60))
-        engine.import_cached(prompt, kv)
+        if kv is not None:
+            engine.import_cached(prompt, kv)
     pulled_s = time.perf_counter() - start
     ttft, tokens, cached = first_token_s(engine, request_id, prompt)
     peer.serve_turn(prompt)

@@ -65,30 +65,30 @@ class PeerFetcher:
         tokens = list(request.token_ids)
         want = min(request.kv_peer_blocks, (len(tokens) - 1) // self.block_size)
         held = await self.engine.run(lambda e: e.held_prefix_blocks(tokens))
-        missing = want - held
-        if missing <= 0 or self.transfer_s_per_block >= self.prefill_s_per_block:
+        if want <= held or self.transfer_s_per_block >= self.prefill_s_per_block:
             return 0
         started = time.monotonic()
         try:
             hashes = block_hashes(tokens[: want * self.block_size], self.block_size)
             kv = await pull_cached(request.kv_peer_address, hashes, held, self.timeout_s)
+            if kv is None:
+                return 0
             kept = await self.engine.run(lambda e: e.import_cached(tokens, kv))
         except (grpc.aio.AioRpcError, TransferError, ValueError) as exc:
             self.failures += 1
             log.warning("peer fetch of %s from %s failed (%s); recomputing", request.request_id,
                         request.kv_peer_address, exc)
             return 0
-        if kv.num_blocks:
-            seconds = (time.monotonic() - started) / kv.num_blocks
-            self.transfer_s_per_block += _SMOOTHING * (seconds - self.transfer_s_per_block)
+        seconds = (time.monotonic() - started) / kv.num_blocks
+        self.transfer_s_per_block += _SMOOTHING * (seconds - self.transfer_s_per_block)
         self.fetched_blocks += kept
         return kept
 
 
 
-async def pull_cached(address: str, hashes: list[int], skip: int, timeout_s: float) -> KvExport:
+async def pull_cached(address: str, hashes: list[int], skip: int, timeout_s: float) -> KvExport | None:
     """The blocks ``skip..`` of the chain ``hashes`` that the worker at ``address`` holds, checked
-    chunk by chunk (raises TransferError or gRPC's error)."""
+    chunk by chunk; None when it holds none of them (raises TransferError or gRPC's error)."""
     assembler = ChunkAssembler(skip)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, block_hashes=hashes, skip_blocks=skip)
     async with mesh_channel(address) as channel:
@@ -96,6 +96,8 @@ async def pull_cached(address: str, hashes: list[int], skip: int, timeout_s: flo
             if received is None:
                 raise TransferError("a message from the peer is not a KvBlockChunk")
             assembler.add(*received)
+    if assembler.next_block == skip:
+        return None
     observe_transfer("received", assembler.bytes_received, assembler.next_block - skip)
     return assembler.kv([])
 
