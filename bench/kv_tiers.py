@@ -4,7 +4,10 @@
 take turns (each turn: the whole history, a new user message, a short reply), so between two
 turns of one chat the others push its blocks out of the device pool. The same workload runs
 with tiers off (every turn recomputes its history), G2 only (host memory of one pool's size)
-and G2+G3 (the same host memory, then disk), one after the other in this process. TTFT is
+and G2+G3 (the same host memory, then disk), and with peer fetch (no tiers; before each turn
+the blocks it lacks are pulled over a real loopback ``KvTransfer.PullBlocks`` stream from a
+peer engine that served the chat's previous turn): four engines in this process, each request
+run on each in turn. TTFT is
 from ``add_request`` to the request's first token (promotions and demotions included);
 the first turn of each chat has nothing to reuse and is left out of the percentiles.
 
@@ -16,22 +19,31 @@ prints the weights those give (copy time / compute time). Writes JSON (``--out``
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
 from bench.registry import percentile
+from kvmesh.hashing import block_hashes
 from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine.async_engine import AsyncEngine
 from services.engine.kv_tier_files import read_block_file, write_block_file
 from services.engine.kv_transfer import tensor_from_bytes
+from services.worker.kv_wire import add_transfer_servicer
+from services.worker.peer_fetch import pull_cached
+from services.worker.transfer_servicer import KvTransferServicer
 
 REPLY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PEER_FETCH = "peer fetch"
 
 
 def conversations(rng: np.random.Generator, count: int, opening: int, turns: int,
@@ -55,22 +67,79 @@ def first_token_s(engine: Engine, request_id: str, prompt: list[int]) -> tuple[f
     return ttft, tokens, cached
 
 
-def run_workload(engine: Engine, chats: list[list[list[int]]]) -> dict:
-    histories: list[list[int]] = [[] for _ in chats]
-    ttfts, cached, prompt_tokens = [], 0, 0
+class Peer:
+    """Another worker that served each chat's previous turn: a real KvTransfer server on
+    loopback (its own event loop thread), whose engine holds every chat's history."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = AsyncEngine(Engine(config))
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="bench-peer", daemon=True).start()
+        self.server, port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
+        self.address = f"127.0.0.1:{port}"
+
+    async def _start(self) -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        add_transfer_servicer(KvTransferServicer(self.engine), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    def serve_turn(self, prompt: list[int]) -> None:
+        """The peer computes this turn too (untimed), so it holds the history's blocks."""
+        self.engine.call(lambda e: e.generate([prompt], REPLY)).result()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.engine.shutdown()
+
+
+def fetch_then_first_token_s(engine: Engine, peer: Peer, request_id: str, prompt: list[int]
+                             ) -> tuple[float, list[int], int]:
+    """``first_token_s`` after pulling from the peer the prompt's blocks this engine lacks."""
+    start = time.perf_counter()
+    bs = engine.config.block_size
+    want, held = (len(prompt) - 1) // bs, engine.held_prefix_blocks(prompt)
+    if want > held:
+        kv = asyncio.run(pull_cached(peer.address, block_hashes(prompt[: want * bs], bs), held, 60))
+        if kv is not None:
+            engine.import_cached(prompt, kv)
+    pulled_s = time.perf_counter() - start
+    ttft, tokens, cached = first_token_s(engine, request_id, prompt)
+    peer.serve_turn(prompt)
+    return pulled_s + ttft, tokens, cached
+
+
+def run_workloads(engines: dict[str, Engine], chats: list[list[list[int]]], peer: Peer | None = None
+                  ) -> dict[str, dict]:
+    """Every turn of every chat on each engine in turn, so a load change on this shared machine
+    hits every configuration alike instead of whichever ran at that moment."""
+    histories = {name: [[] for _ in chats] for name in engines}
+    ttfts: dict[str, list[float]] = {name: [] for name in engines}
+    cached = dict.fromkeys(engines, 0)
+    prompt_tokens = dict.fromkeys(engines, 0)
     for turn in range(len(chats[0])):
         for c, chat in enumerate(chats):
-            prompt = histories[c] + chat[turn]
-            ttft, reply, hit = first_token_s(engine, f"c{c}-t{turn}", prompt)
-            histories[c] = prompt + reply
-            if turn:
-                ttfts.append(ttft)
-                cached += hit
-                prompt_tokens += len(prompt)
-    s = engine.stats()
-    return {"ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90), "requests": len(ttfts),
-            "cached_token_ratio": cached / max(prompt_tokens, 1), "host_hit_blocks": s.host_hit_blocks,
-            "disk_hit_blocks": s.disk_hit_blocks, "outputs": histories}
+            for name, engine in engines.items():
+                prompt = histories[name][c] + chat[turn]
+                if name == PEER_FETCH:
+                    ttft, reply, hit = fetch_then_first_token_s(engine, peer, f"c{c}-t{turn}", prompt)
+                else:
+                    ttft, reply, hit = first_token_s(engine, f"c{c}-t{turn}", prompt)
+                histories[name][c] = prompt + reply
+                if turn:
+                    ttfts[name].append(ttft)
+                    cached[name] += hit
+                    prompt_tokens[name] += len(prompt)
+    results = {}
+    for name, engine in engines.items():
+        s = engine.stats()
+        results[name] = {"ttft_p50_s": percentile(ttfts[name], 50), "ttft_p90_s": percentile(ttfts[name], 90),
+                         "requests": len(ttfts[name]), "cached_token_ratio": cached[name] / max(prompt_tokens[name], 1),
+                         "host_hit_blocks": s.host_hit_blocks, "disk_hit_blocks": s.disk_hit_blocks,
+                         "outputs": histories[name]}
+    return results
 
 
 def block_costs(engine: Engine, prompt: list[int], disk_dir: Path, runs: int) -> dict:
@@ -108,12 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.kv_tiers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool-blocks", type=int, default=40, help="device pool (G1) blocks")
     parser.add_argument("--conversations", type=int, default=6)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--opening-tokens", type=int, default=192)
-    parser.add_argument("--message-tokens", type=int, default=40)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--opening-tokens", type=int, default=256)
+    parser.add_argument("--message-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=int, default=5, help="repeats of each per-block cost")
+    parser.add_argument("--configs", default=f"tiers off,G2 only,G2+G3,{PEER_FETCH}",
+                        help="comma-separated subset to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/reports/kv-tiers.json"))
     args = parser.parse_args(argv)
@@ -135,30 +206,33 @@ def main(argv: list[str] | None = None) -> dict:
             "G2 only": {"host_cache_bytes": pool_bytes},
             "G2+G3": {"host_cache_bytes": pool_bytes, "disk_cache_bytes": 8 * pool_bytes,
                       "disk_cache_dir": os.path.join(scratch, "g3")},
+            PEER_FETCH: {},  # no tiers here: what it lacks comes from the peer
         }
-        results = {}
-        for name, tiers in configs.items():
-            engine = Engine(EngineConfig(**base, **tiers))
-            results[name] = run_workload(engine, chats)
+        engines = {name: Engine(EngineConfig(**base, **tiers)) for name, tiers in configs.items()
+                   if name in args.configs.split(",")}
+        peer = Peer(EngineConfig(**{**base, "num_kv_blocks": 2 * working_set})) if PEER_FETCH in engines else None
+        results = run_workloads(engines, chats, peer)
+        for engine in engines.values():
             engine.close()
+        if peer is not None:
+            peer.close()
     outputs = {name: r.pop("outputs") for name, r in results.items()}
     report = {
         "pool_blocks": args.pool_blocks, "working_set_blocks": working_set, "block_bytes": block_bytes,
         "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
         "load_average": [load_before, os.getloadavg()[0]], "block_costs": costs, "runs": results,
-        "outputs_identical": all(o == outputs["tiers off"] for o in outputs.values()),
-        "peer_fetch": "not built",
+        "outputs_identical": len({json.dumps(o) for o in outputs.values()}) == 1,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"pool {args.pool_blocks} blocks, working set {working_set} blocks ({working_set / args.pool_blocks:.1f}×), "
           f"{args.device} {args.dtype}, load {load_before:.1f}→{os.getloadavg()[0]:.1f}")
     print(f"{'config':<10} {'TTFT p50':>9} {'TTFT p90':>9} {'cached':>7} {'G2 hits':>8} {'G3 hits':>8}")
-    off = results["tiers off"]["ttft_p50_s"]
+    off = next(iter(results.values()))["ttft_p50_s"]
     for name, r in results.items():
         print(f"{name:<10} {r['ttft_p50_s'] * 1000:>7.1f}ms {r['ttft_p90_s'] * 1000:>7.1f}ms "
               f"{r['cached_token_ratio']:>7.0%} {r['host_hit_blocks']:>8} {r['disk_hit_blocks']:>8}"
-              f"   p50 {r['ttft_p50_s'] / off:.2f}× off")
+              f"   p50 {r['ttft_p50_s'] / off:.2f}× the first row")
     print(f"per block: compute {costs['compute_s'] * 1e3:.2f}ms, host copy {costs['host_copy_s'] * 1e3:.3f}ms "
           f"(weight {costs['host_weight']:.3f}), disk read {costs['disk_read_s'] * 1e3:.3f}ms "
           f"(weight {costs['disk_weight']:.3f}); outputs identical: {report['outputs_identical']}")

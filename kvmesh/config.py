@@ -136,6 +136,15 @@ class WorkerSettings(ServiceSettings):
         default=2.0, metadata=_help("KV tier G3: local disk for blocks evicted from host memory; 0 = off"))
     disk_cache_dir: str = dataclasses.field(default="", metadata=_help(
         "G3 directory (kept across restarts; one per worker); default: <tmp>/kvmesh-kv-cache/<instance-id>"))
+    peer_fetch: bool = dataclasses.field(
+        default=True, metadata=_help("pull a prefix a peer holds (router's hint) when cheaper than recomputing it"))
+    # Starting estimates only, replaced by running averages of this worker's own pulls and
+    # prefills: ~0.9 ms is an fp32 SmolLM2 block at the ~800 MB/s bench/kv_transfer measured over
+    # loopback gRPC; 27 ms its prefill per block on this CPU (bench/kv_tiers.py).
+    peer_transfer_ms_per_block: float = dataclasses.field(
+        default=1.0, metadata=_help("peer fetch: first estimate of one block's pull time"))
+    prefill_ms_per_block: float = dataclasses.field(
+        default=20.0, metadata=_help("peer fetch: first estimate of one block's prefill time"))
     max_num_seqs: int = dataclasses.field(default=0, metadata=_help("concurrent sequences; 0 = engine default"))
     max_model_len: int = dataclasses.field(default=0, metadata=_help("context length; 0 = the model's"))
     num_threads: int = dataclasses.field(default=0, metadata=_help("torch threads; 0 = torch's default"))
@@ -181,11 +190,12 @@ class RouterSettings(ServiceSettings):
         default=2.0, metadata=_help("cost of one block to prefill relative to one active decode block")
     )
     # Lower KV tiers in router/scoring.py's cost: a block copy's time over a block's prefill time,
-    # medians measured with `python -m bench.kv_tiers` (SmolLM2-135M, CPU, float32).
+    # medians measured with `python -m bench.kv_tiers` (SmolLM2-135M, CPU, float32, two runs at
+    # load 3-8: host 0.001-0.002, disk 0.011-0.012). On a GPU compute is far faster: re-measure.
     host_tier_weight: float = dataclasses.field(
-        default=0.05, metadata=_help("cost of promoting a block from a worker's host memory, in block prefills"))
+        default=0.002, metadata=_help("cost of promoting a block from a worker's host memory, in block prefills"))
     disk_tier_weight: float = dataclasses.field(
-        default=0.1, metadata=_help("cost of promoting a block from a worker's disk, in block prefills"))
+        default=0.012, metadata=_help("cost of promoting a block from a worker's disk, in block prefills"))
     router_temperature: float = dataclasses.field(
         default=0.0, metadata=_help("softmax temperature over costs; 0 = always the cheapest")
     )

@@ -87,6 +87,9 @@ class RouteInfo:
     # The other prefill workers, best first: the decode worker pulls from them if the first fails.
     fallback_prefill_workers: list[WorkerState] = field(default_factory=list)
     runner_up_cost: float | None = None
+    # Peer fetch: a worker holding more of the prompt's prefix than the chosen one, and how much.
+    kv_peer: WorkerState | None = None
+    kv_peer_blocks: int = 0
 
 
 class Generation:
@@ -283,11 +286,16 @@ class RouterCore:
             worker = self._rng.choice(workers)
             return worker, RouteInfo(worker.worker_id, mode, 0, len(hashes))
         overlaps = await self.kv_index.find_overlaps(info.model, hashes)
-        decision = choose_kv(_candidates(workers, overlaps), len(hashes), self.settings.overlap_weight,
+        candidates = _candidates(workers, overlaps)
+        decision = choose_kv(candidates, len(hashes), self.settings.overlap_weight,
                              self.settings.router_temperature, self._rng, _tier_weights(self.settings))  # fmt: skip
         route_mode = "kv" if overlaps is not None else "kv-load-only"
+        peer = max((c for c in candidates if c.prefix_overlap > decision.prefix_overlap), default=None,
+                   key=lambda c: c.prefix_overlap)  # fmt: skip
         return self.pool.workers[decision.worker_id], RouteInfo(
-            decision.worker_id, route_mode, decision.prefix_overlap, len(hashes), runner_up_cost=decision.runner_up_cost
+            decision.worker_id, route_mode, decision.prefix_overlap, len(hashes),
+            runner_up_cost=decision.runner_up_cost, kv_peer=self.pool.workers[peer.worker_id] if peer else None,
+            kv_peer_blocks=peer.prefix_overlap if peer else 0,
         )
 
     async def _route_disaggregated(
@@ -408,6 +416,11 @@ class RouterCore:
         # blocks) when it passes, whether or not the router noticed the client leave.
         timeout = min(self.settings.request_timeout_s, client_timeout_s or self.settings.request_timeout_s)
         if worker.info.role != "decode":
+            if route.kv_peer is not None:  # a copy: a migration resumes from the unhinted request
+                hinted = worker_pb2.WorkerGenerateRequest()
+                hinted.CopyFrom(request)
+                hinted.kv_peer_address, hinted.kv_peer_blocks = route.kv_peer.info.address, route.kv_peer_blocks
+                request = hinted
             return worker.stub.Generate(request, timeout=timeout, metadata=metadata)
         prefill_address = ""
         if route.prefill_worker is not None:

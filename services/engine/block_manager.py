@@ -13,6 +13,7 @@ promoting each block it finds back into the pool (the tiers copy the bytes).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from kvmesh.hashing import block_hash
 from services.engine.kv_events import BlockRemoved, BlockStored, KvEvent
@@ -142,8 +143,39 @@ class BlockManager:
                 return
             h = block_hash(seq.token_ids[i * bs : (i + 1) * bs], h)
 
+    def add_cached(self, hashes: list[int], parent: int | None) -> list[int | None]:
+        """Name pool blocks for a chain whose KV came from elsewhere (a peer), as cached blocks;
+        for each hash, the block to fill (None: the pool has it already). Stops short when the
+        pool has no free block. The caller writes the blocks before the next step reads them."""
+        taken: list[int | None] = []
+        for h in hashes:
+            if h in self.hash_to_block:
+                taken.append(None)
+                continue
+            if not self.num_free:
+                break
+            taken.append(self._take())
+        # Named only once all are taken, so no take above evicts a block just named.
+        for h, block_id in zip(hashes, taken, strict=False):
+            if block_id is not None:
+                block = self.blocks[block_id]
+                block.block_hash, block.ref_count = h, 0
+                self.hash_to_block[h] = block_id
+                self.evictable[block_id] = None
+        if taken:
+            self.pending_events.append(BlockStored(tuple(hashes[: len(taken)]), parent))
+        return taken
+
+    def held_prefix_length(self, token_ids: list[int]) -> int:
+        """Leading full blocks of ``token_ids`` held in the pool or a lower tier (read-only)."""
+        return self._leading_blocks(token_ids, lambda h: h in self.hash_to_block or (
+            self.tiers is not None and self.tiers.tier_of(h) is not None))
+
     def cached_prefix_length(self, token_ids: list[int]) -> int:
         """How many leading full blocks of ``token_ids`` this pool holds now (read-only)."""
+        return self._leading_blocks(token_ids, self.hash_to_block.__contains__)
+
+    def _leading_blocks(self, token_ids: list[int], held: Callable[[int], bool]) -> int:
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
@@ -151,7 +183,7 @@ class BlockManager:
         count = 0
         for i in range((len(token_ids) - 1) // bs):
             parent = block_hash(token_ids[i * bs : (i + 1) * bs], parent)
-            if parent not in self.hash_to_block:
+            if not held(parent):
                 break
             count += 1
         return count

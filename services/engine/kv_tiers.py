@@ -239,10 +239,28 @@ class LowerTiers:
         self.hit_blocks[TIER_DISK] += 1
         return True
 
+    def read(self, block_hash: int) -> torch.Tensor | None:
+        """A lower-tier block's bytes on the host, left where they are (a peer's fetch)."""
+        if self.host is not None and block_hash in self.host:
+            if self.kv_cache.is_cuda:
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            return self.host.view(block_hash).clone()
+        if self.disk is not None and block_hash in self.disk:
+            return self.disk.load(block_hash)
+        return None
+
     def take_events(self) -> list[KvEvent]:
         events, self.events = self.events, []
         return events
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        """On a graceful stop, host-memory blocks go to disk too (a restart finds them), then
+        every queued write finishes."""
+        if self.disk is None:
+            return
+        if self.host is not None:
+            if self.kv_cache.is_cuda:
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            for block_hash in list(self.host.slots):
+                self.disk.store(block_hash, self.host.view(block_hash).clone())
+        self.disk.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kvmesh.hashing import block_hashes
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventCallback
@@ -251,6 +252,50 @@ class Engine:
         if release:
             self.abort(request_id)
         return export
+
+    def held_prefix_blocks(self, token_ids: Seq[int]) -> int:
+        """Leading full blocks of ``token_ids`` this worker holds in any tier (a peer fetch
+        starts after them)."""
+        return self.blocks.held_prefix_length(list(token_ids))
+
+    def export_cached(self, block_hashes: Seq[int], first_block: int = 0) -> KvExport:
+        """The leading blocks of a hash chain held here in any tier, from ``first_block`` until
+        the first one missing, for a peer that would otherwise recompute them. The export has
+        no token ids: the receiver checks the hashes against its own tokens."""
+        parts: list[torch.Tensor] = []
+        for h in list(block_hashes)[first_block:]:
+            block_id = self.blocks.hash_to_block.get(h)
+            data = (self.runner.kv_cache[:, :, block_id].cpu() if block_id is not None
+                    else self.tiers.read(h) if self.tiers is not None else None)
+            if data is None:
+                break
+            parts.append(data)
+        bs = self.config.block_size
+        data = torch.stack(parts, dim=2) if parts else self.runner.kv_cache[:, :, :0].cpu()
+        end = first_block + len(parts)
+        return KvExport([], end * bs, list(block_hashes)[first_block:end], data, first_block)
+
+    def import_cached(self, token_ids: Seq[int], kv: KvExport) -> int:
+        """Keep a peer's blocks ``kv.first_block..`` of ``token_ids`` as cached blocks here (the
+        next request with that prefix reuses them); returns how many the pool took. Raises
+        ValueError when the blocks do not name these tokens or do not fit this pool."""
+        bs = self.config.block_size
+        end = kv.first_block + kv.num_blocks
+        chain = block_hashes(list(token_ids[: end * bs]), bs)
+        if len(chain) < end or chain[kv.first_block : end] != list(kv.block_hashes):
+            raise ValueError("the peer's blocks do not name this prompt's leading tokens")
+        pool = self.runner.kv_cache
+        if kv.num_blocks and (kv.data.dtype != pool.dtype or kv.data.shape[:2] != pool.shape[:2]
+                              or kv.data.shape[3:] != pool.shape[3:]):
+            raise ValueError(f"the peer's {kv.dtype} blocks {tuple(kv.data.shape)} do not fit this pool")
+        parent = chain[kv.first_block - 1] if kv.first_block else None
+        taken = self.blocks.add_cached(chain[kv.first_block : end], parent)
+        fill = [(i, block_id) for i, block_id in enumerate(taken) if block_id is not None]
+        if fill:
+            index = torch.tensor([i for i, _ in fill], dtype=torch.long)
+            write_blocks(self.runner.kv_cache, [block_id for _, block_id in fill], kv.data.index_select(2, index))
+        self._flush_events()
+        return len(taken)
 
     def cached_prefix_blocks(self, token_ids: Seq[int]) -> int:
         """Leading full blocks of ``token_ids`` already in this pool: a KV import can skip them."""

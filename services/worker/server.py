@@ -19,6 +19,7 @@ from services.worker import metrics
 from services.worker.kv_publisher import KvEventPublisher
 from services.worker.kv_wire import add_transfer_servicer, keep_transfer_buffers
 from services.worker.lifecycle import WorkerLifecycle
+from services.worker.peer_fetch import PeerFetcher
 from services.worker.role_switch import RoleSwitch
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
@@ -59,8 +60,11 @@ async def serve(settings: WorkerSettings) -> None:
     engine = await asyncio.to_thread(build_engine, settings)
     async_engine = AsyncEngine(engine)
     process = ServiceProcess(settings, SERVICE_NAMES)
+    peers = PeerFetcher(async_engine, settings.block_size, settings.transfer_timeout_s,
+                        settings.peer_transfer_ms_per_block / 1000, settings.prefill_ms_per_block / 1000)
     servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms,
-                              settings.transfer_timeout_s, settings.max_waiting_requests)  # fmt: skip
+                              settings.transfer_timeout_s, settings.max_waiting_requests,
+                              peers if settings.peer_fetch else None)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
     lifecycle = WorkerLifecycle(process, servicer)
     process.on_drain(lambda: lifecycle.drain(settings.drain_timeout_s))

@@ -27,6 +27,7 @@ from services.worker.convert import output_to_proto, sampling_from_proto
 from services.worker.disagg import TransferStats, pull_with_retries
 from services.worker.errors import engine_errors_as_status
 from services.worker.metrics import observe_stats
+from services.worker.peer_fetch import PeerFetcher
 from services.worker.request_trace import WorkerRequestTrace
 
 if TYPE_CHECKING:
@@ -37,8 +38,10 @@ log = logging.getLogger(__name__)
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine, worker_id: str, role: str, stats_interval_ms: int,
-                 transfer_timeout_s: float = 60.0, max_waiting_requests: int = 0) -> None:  # fmt: skip
+                 transfer_timeout_s: float = 60.0, max_waiting_requests: int = 0,
+                 peers: PeerFetcher | None = None) -> None:  # fmt: skip
         self.engine = engine
+        self.peers = peers
         # Requests beyond the running batch wait in the engine; past this many the worker refuses
         # (RESOURCE_EXHAUSTED: the router tries another worker) rather than queue without bound.
         self.max_live = engine.engine.config.max_num_seqs + max_waiting_requests if max_waiting_requests else 0
@@ -102,6 +105,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if prefill_addresses:
                 outputs = self._remote_prefill_outputs(request, sampling, prefill_addresses, started, trace)
             else:
+                if request.kv_peer_address and self.peers is not None:
+                    await self.peers.fetch(request)
                 outputs = self._local_outputs(request, sampling, started)
             async with engine_errors_as_status(context), contextlib.aclosing(outputs):
                 async for response in outputs:
@@ -121,7 +126,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         outputs = self.engine.generate(request.request_id, tokens, sampling, **kv)
         async with contextlib.aclosing(outputs):
             async for output in outputs:
-                yield output_to_proto(output, time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                if output.queue_s is not None and self.peers is not None and not kv:
+                    self.peers.observe_prefill(elapsed - output.queue_s,
+                                               output.num_prompt_tokens - output.num_cached_tokens)
+                yield output_to_proto(output, elapsed)
 
     async def _remote_prefill_outputs(
         self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, prefill_addresses: list[str],

@@ -15,6 +15,7 @@ from services.worker.disagg import serve_prefill
 from services.worker.errors import engine_errors_as_status
 from services.worker.kv_wire import WireChunk
 from services.worker.metrics import observe_transfer
+from services.worker.peer_fetch import serve_cached
 
 
 class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
@@ -26,8 +27,12 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
         self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[WireChunk]:
         if not request.HasField("request"):
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                "pulling cached blocks without a request to prefill is not built yet")  # fmt: skip
+            # A peer fetch: only what this worker already holds, nothing computed.
+            async with engine_errors_as_status(context):
+                for chunk in await serve_cached(self.engine, request):
+                    observe_transfer("sent", chunk.size, len(chunk.header.block_indices))
+                    yield chunk
+            return
         model = self.engine.engine.model_id
         if request.request.model and request.request.model != model:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

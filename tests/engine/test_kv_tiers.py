@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmesh.hashing import block_hashes
 from services.engine import Engine, EngineConfig, SamplingParams
 from services.engine.kv_events import AllCleared, BlockRemoved, BlockStored
 from services.engine.kv_tiers import TIER_DISK, TIER_HOST
@@ -110,8 +111,6 @@ def test_a_damaged_disk_block_is_recomputed_not_used(engine: Engine, tokenizer: 
     chain = before.blocks.lower_tier_hashes()[TIER_DISK]
     files = _block_files(tmp_path)
     # The first turn's third block: flip one byte in the middle of its payload.
-    from kvmesh.hashing import block_hashes
-
     third = block_hashes(first)[2]
     assert third in chain
     damaged = files[f"{third:016x}"]
@@ -129,3 +128,22 @@ def test_a_damaged_disk_block_is_recomputed_not_used(engine: Engine, tokenizer: 
     assert out.new_token_ids == _cold(engine, second)
     after.close()
     assert not damaged.exists()
+
+
+def test_blocks_from_a_peer_are_kept_only_if_they_name_this_prompt(engine: Engine, tokenizer: Tokenizer):
+    first, second = _conversation(tokenizer)
+    engine.reset_prefix_cache()
+    engine.generate([first], GREEDY)
+    # The peer's side: the leading blocks of the second turn it holds (the first turn's).
+    export = engine.export_cached(block_hashes(second))
+    assert export.num_blocks >= (len(first) - 1) // 16
+    engine.reset_prefix_cache()
+    before = engine.stats()
+    with pytest.raises(ValueError, match="do not name"):
+        engine.import_cached(_filler(tokenizer), export)
+    assert engine.stats() == before
+    assert engine.import_cached(second, export) == export.num_blocks  # the second turn starts with the first
+    assert engine.cached_prefix_blocks(second) == export.num_blocks
+    out = engine.generate([second], GREEDY)[0]
+    assert out.num_cached_tokens == export.num_blocks * 16
+    assert out.new_token_ids == _cold(engine, second)
