@@ -43,7 +43,7 @@ class RegistryMonitor:
         self._on_lost = on_lost
         self._interval_s = interval_s
         self._epoch: bytes | None = None
-        self.available = False
+        self.available: bool | None = None  # None until the first poll
 
     async def check(self) -> None:
         """One poll (the loop's body)."""
@@ -59,7 +59,7 @@ class RegistryMonitor:
         reason = ""
         if self._epoch is not None and epoch != self._epoch:
             reason = "Redis lost the index (restarted or replaced)"
-        elif not self.available:
+        elif self.available is False:
             reason = "Redis is reachable again"
         self._epoch, self.available = epoch, True
         metrics.REGISTRY_AVAILABLE.set(1)
