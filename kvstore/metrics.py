@@ -21,6 +21,7 @@ FIND_MATCHES_SECONDS = Histogram("kvmesh_kvstore_find_matches_seconds", "FindMat
 INDEX_BLOCKS = Gauge("kvmesh_kvstore_index_blocks", "(worker, block) entries in the index")
 INDEX_WORKERS = Gauge("kvmesh_kvstore_index_workers", "Workers with blocks in the index")
 REGISTRY_AVAILABLE = Gauge("kvmesh_kvstore_registry_available", "1 while Redis answers, 0 while it doesn't")
+INDEX_FOLLOWERS = Gauge("kvmesh_kvstore_index_followers", "Routers following the index (WatchIndex streams)")
 RESYNCS_ASKED = Counter("kvmesh_kvstore_resyncs_asked_total",
                         "Full resyncs the kvstore asked of connected workers because Redis lost the index")  # fmt: skip
 

@@ -133,6 +133,7 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
         self, request: kvstore_pb2.WatchIndexRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kvstore_pb2.IndexUpdate]:
         follower = self.feed.subscribe()  # before the snapshot is read: see index_feed
+        metrics.INDEX_FOLLOWERS.inc()
         try:
             try:
                 for worker in await self.registry.workers():
@@ -149,6 +150,7 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
                 yield kvstore_pb2.IndexUpdate(batch=batch)
         finally:
             self.feed.unsubscribe(follower)
+            metrics.INDEX_FOLLOWERS.dec()
 
     async def Stats(
         self, request: kvstore_pb2.KvStoreStatsRequest, context: grpc.aio.ServicerContext

@@ -90,6 +90,9 @@ class RouteInfo:
     # Peer fetch: a worker holding more of the prompt's prefix than the chosen one, and how much.
     kv_peer: WorkerState | None = None
     kv_peer_blocks: int = 0
+    # Where the prefix overlaps came from: local (the router's followed copy of the index),
+    # kvstore (a FindMatches call), none (routed on load alone, or not a kv route).
+    index: str = "none"
 
 
 class Generation:
@@ -290,19 +293,26 @@ class RouterCore:
         decision = choose_kv(candidates, len(hashes), self.settings.overlap_weight,
                              self.settings.router_temperature, self._rng, _tier_weights(self.settings))  # fmt: skip
         route_mode = "kv" if overlaps is not None else "kv-load-only"
+        index = self._index_source(overlaps)
         peer = max((c for c in candidates if c.prefix_overlap > decision.prefix_overlap), default=None,
                    key=lambda c: c.prefix_overlap)  # fmt: skip
         return self.pool.workers[decision.worker_id], RouteInfo(
             decision.worker_id, route_mode, decision.prefix_overlap, len(hashes),
             runner_up_cost=decision.runner_up_cost, kv_peer=self.pool.workers[peer.worker_id] if peer else None,
-            kv_peer_blocks=peer.prefix_overlap if peer else 0,
+            kv_peer_blocks=peer.prefix_overlap if peer else 0, index=index,
         )
+
+    def _index_source(self, overlaps: dict | None) -> str:
+        if overlaps is None:
+            return "none"
+        return "local" if self.kv_index.following else "kvstore"
 
     async def _route_disaggregated(
         self, info: common_pb2.InstanceInfo, hashes: list[int], decoders: list[WorkerState]
     ) -> tuple[WorkerState, RouteInfo]:
         """Decode worker by load then overlap; remote prefill only when worth a transfer."""
         overlaps = await self.kv_index.find_overlaps(info.model, hashes)
+        index = self._index_source(overlaps)
         decode = choose_decode(_candidates(decoders, overlaps), len(hashes), self._rng)
         worker = self.pool.workers[decode.worker_id]
         block_size = info.block_size or 16
@@ -311,7 +321,7 @@ class RouterCore:
                     if w.waiting_requests < self.settings.prefill_queue_limit]  # fmt: skip
         if uncached_tokens < self.settings.max_local_prefill_tokens or not prefills:
             return worker, RouteInfo(worker.worker_id, "disagg-local", decode.prefix_overlap, len(hashes),
-                                     runner_up_cost=decode.runner_up_cost)  # fmt: skip
+                                     runner_up_cost=decode.runner_up_cost, index=index)  # fmt: skip
         candidates = _candidates(prefills, overlaps)
         prefill = choose_kv(candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature,
                             self._rng, _tier_weights(self.settings))  # fmt: skip
@@ -319,7 +329,7 @@ class RouterCore:
                               self.settings.overlap_weight, _tier_weights(self.settings))  # fmt: skip
         route = RouteInfo(worker.worker_id, "disagg-remote", prefill.prefix_overlap, len(hashes),
                           self.pool.workers[prefill.worker_id], [self.pool.workers[w] for w in others],
-                          prefill.runner_up_cost)  # fmt: skip
+                          prefill.runner_up_cost, index=index)  # fmt: skip
         return worker, route
 
     # -- the request -----------------------------------------------------------------------

@@ -115,6 +115,7 @@ class RouterRequestTrace:
         if span.is_recording():
             span.set_attributes({
                 "kvmesh.route.mode": route.mode, "kvmesh.route.worker": route.worker_id,
+                "kvmesh.route.index": route.index,
                 "kvmesh.route.overlap_blocks": route.prefix_overlap, "kvmesh.route.prompt_blocks": route.prompt_blocks,
                 "kvmesh.route.runner_up_score": -1.0 if route.runner_up_cost is None else route.runner_up_cost,
                 "kvmesh.route.prefill_worker": route.prefill_worker.worker_id if route.prefill_worker else "",

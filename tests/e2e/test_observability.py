@@ -58,7 +58,6 @@ EXPECTED_PARENTS = {
     # span name: (service that emits it, parent span name)
     "tokenize": ("kvmesh-router", "generate"),
     "route": ("kvmesh-router", "generate"),
-    "kvstore.FindMatches": ("kvmesh-kvstore", "route"),
     "worker.Decode": ("kvmesh-worker-decode", "generate"),
     "kv_transfer": ("kvmesh-worker-decode", "worker.Decode"),
     "worker.PullBlocks": ("kvmesh-worker-prefill", "kv_transfer"),
@@ -104,6 +103,8 @@ def test_one_remote_request_is_one_trace_across_every_service(traced, collector)
     route = named["route"]["attributes"]
     assert route["kvmesh.route.mode"] == "disagg-remote"
     assert route["kvmesh.route.worker"] == headers["x-kvmesh-worker"]
+    # The router follows the index (no kvstore hop per request): the overlaps came from its own copy.
+    assert route["kvmesh.route.index"] == "local"
     transfer = named["kv_transfer"]["attributes"]
     assert int(transfer["kvmesh.transfer.bytes"]) > 0 and int(transfer["kvmesh.transfer.blocks"]) > 0
     assert int(named["prefill"]["attributes"]["kvmesh.prefill.computed_tokens"]) > 0
@@ -152,13 +153,13 @@ def test_metrics_of_every_service_parse_and_move_with_route_paths(traced):
         ("decode", "kvmesh_worker_kv_transfer_seconds_count", {}),
         ("prefill", "kvmesh_worker_kv_transfer_bytes_total", {"direction": "sent"}),
         ("kvstore", "kvmesh_kvstore_batches_total", {}),
-        ("kvstore", "kvmesh_kvstore_find_matches_seconds_count", {}),
     ]
     for service, name, labels in checks:
         wait_for(moved(service, name, **labels), f"{service} {name} {labels} to move", timeout_s=30)
     after = scrape_all(traced)
     assert value(after[ids["decode"]], "kvmesh_worker_kv_blocks", state="total") > 0
     assert value(after[ids["kvstore"]], "kvmesh_kvstore_index_blocks") >= 0
+    assert value(after[ids["kvstore"]], "kvmesh_kvstore_index_followers") == 1  # the router
     assert value(after[ids["router"]], "kvmesh_router_requests_total", route="disagg-local") >= 1
 
 

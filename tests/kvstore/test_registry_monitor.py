@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from kvmesh.local_stores import start_redis
 from kvmesh_proto.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvstore.index_feed import IndexFeed
 from kvstore.registry import BlockRegistry
 from kvstore.registry_monitor import RegistryMonitor
 from kvstore.server import KvStoreServicer
@@ -56,7 +57,7 @@ async def test_the_monitor_asks_for_resyncs_when_redis_comes_back_or_was_replace
 
 
 async def test_open_publish_streams_get_an_unprompted_resync_ask(client, namespace):
-    servicer = KvStoreServicer(BlockRegistry(client, namespace))
+    servicer = KvStoreServicer(BlockRegistry(client, namespace), IndexFeed())
     server = grpc.aio.server()
     kvstore_pb2_grpc.add_KvStoreServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
