@@ -3,8 +3,8 @@
 ``python -m bench.kv_tiers`` runs the real engine in-process on ``--conversations`` chats that
 take turns (each turn: the whole history, a new user message, a short reply), so between two
 turns of one chat the others push its blocks out of the device pool. The same workload runs
-with tiers off (every turn recomputes its history), G2 only (host memory of one pool's size)
-and G2+G3 (the same host memory, then disk), and with peer fetch (no tiers; before each turn
+with tiers off (every turn recomputes its history), G2 only (host memory of four pools, the
+working set), G2+G3 (host memory of one pool, then disk), and with peer fetch (no tiers; before each turn
 the blocks it lacks are pulled over a real loopback ``KvTransfer.PullBlocks`` stream from a
 peer engine that served the chat's previous turn): four engines in this process, each request
 run on each in turn. TTFT is
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         del probe
         configs = {
             "tiers off": {},
-            "G2 only": {"host_cache_bytes": pool_bytes},
+            "G2 only": {"host_cache_bytes": 4 * pool_bytes},  # holds the whole working set
             "G2+G3": {"host_cache_bytes": pool_bytes, "disk_cache_bytes": 8 * pool_bytes,
                       "disk_cache_dir": os.path.join(scratch, "g3")},
             PEER_FETCH: {},  # no tiers here: what it lacks comes from the peer
