@@ -211,15 +211,3 @@ async def test_blocks_evicted_during_the_pull_are_prefilled_locally(workers, eng
     assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0], before[1] + 1)
     await assert_no_blocks_held(prefill_engine, decode_engine)
 
-
-async def test_a_prompt_of_whole_blocks_transfers_without_retry(workers, engine, tokenizer, prefill_engine,
-                                                                decode_engine):  # fmt: skip
-    # Every block is full, so every block streams with the compute and the last chunk carries
-    # no KV at all: it must still check out (it once failed its checksum, and every such
-    # prompt fell back to a local prefill).
-    prompt = prompt_ids(tokenizer, "granite")
-    prompt = prompt[: len(prompt) // 16 * 16]
-    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
-    assert await decode(workers, prompt, "whole-blocks-1") == expected(engine, prompt)
-    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
-    await assert_no_blocks_held(prefill_engine, decode_engine)
