@@ -210,4 +210,3 @@ async def test_blocks_evicted_during_the_pull_are_prefilled_locally(workers, eng
     assert await decode(workers, second_turn, "evict-2") == expected(engine, second_turn)
     assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0], before[1] + 1)
     await assert_no_blocks_held(prefill_engine, decode_engine)
-
