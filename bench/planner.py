@@ -37,7 +37,7 @@ from planner.decision_log import read_decisions
 from services.engine.timing_model import TimingProfile
 
 WORKERS = 8
-REQUEST_TIMEOUT_S = 600.0
+REQUEST_TIMEOUT_S = 300.0  # past it a request has long missed both targets
 
 
 @dataclass(frozen=True)
