@@ -37,6 +37,7 @@ from planner.decision_log import read_decisions
 from services.engine.timing_model import TimingProfile
 
 WORKERS = 8
+REQUEST_TIMEOUT_S = 300.0  # past it a request has long missed both targets
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,9 @@ async def _drive(stack: LocalStack, requests: list[TraceRequest],
     count = WorkerCount(stack.etcd_endpoint, stack.options.namespace)
     sampler = asyncio.create_task(count.run())
     try:
-        results, wall_s = await replay(f"127.0.0.1:{stack.options.grpc_port}", requests, prompts, speedup=1.0)
+        # A deadline per request: one stream that never ends must not hang the run (it counts as an error).
+        results, wall_s = await replay(f"127.0.0.1:{stack.options.grpc_port}", requests, prompts, speedup=1.0,
+                                       timeout_s=REQUEST_TIMEOUT_S)  # fmt: skip
         decisions = await count.decisions()
     finally:
         sampler.cancel()

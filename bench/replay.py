@@ -114,13 +114,13 @@ def oracle_hit_rate(prompts: Sequence[Sequence[int]], block_size: int = 16) -> f
 
 
 async def send(stub: router_pb2_grpc.RouterStub, index: int, request: TraceRequest, prompt: list[int],
-               max_tokens: int, model: str) -> ReplayResult:  # fmt: skip
+               max_tokens: int, model: str, timeout_s: float | None = None) -> ReplayResult:  # fmt: skip
     result = ReplayResult(index, request.timestamp_ms, len(prompt))
     sampling = common_pb2.SamplingParams(max_tokens=max(1, min(request.output_length, max_tokens)), ignore_eos=True)
     message = router_pb2.GenerateRequest(model=model, tokens=router_pb2.TokenIds(token_ids=prompt), sampling=sampling)
     start = time.perf_counter()
     try:
-        async for response in stub.Generate(message):
+        async for response in stub.Generate(message, timeout=timeout_s):
             if not result.ttft_ms:
                 result.ttft_ms = (time.perf_counter() - start) * 1000
             result.worker_id = response.worker_id
@@ -134,8 +134,10 @@ async def send(stub: router_pb2_grpc.RouterStub, index: int, request: TraceReque
 
 
 async def replay(address: str, requests: list[TraceRequest], prompts: list[list[int]], speedup: float,
-                 max_tokens: int = 1 << 20, model: str = "") -> tuple[list[ReplayResult], float]:  # fmt: skip
-    """Send every request at its trace time / ``speedup``; (results in trace order, wall seconds)."""
+                 max_tokens: int = 1 << 20, model: str = "",
+                 timeout_s: float | None = None) -> tuple[list[ReplayResult], float]:  # fmt: skip
+    """Send every request at its trace time / ``speedup`` (each with a ``timeout_s`` deadline if
+    given); (results in trace order, wall seconds)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         t0 = requests[0].timestamp_ms if requests else 0.0
@@ -145,7 +147,7 @@ async def replay(address: str, requests: list[TraceRequest], prompts: list[list[
             delay = (request.timestamp_ms - t0) / 1000 / speedup - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(stub, index, request, prompt, max_tokens, model)))
+            tasks.append(asyncio.create_task(send(stub, index, request, prompt, max_tokens, model, timeout_s)))
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - start
 
