@@ -18,7 +18,7 @@ from services.engine import Engine, SamplingParams
 # A 24-block pool and one fp32 block of host memory: the filler pushes the conversation out of
 # the pool, and all but its first block on through host memory to disk.
 TIERED_ENV = {"KVMESH_KV_CACHE_BLOCKS": "24", "KVMESH_HOST_CACHE_GB": "0.0008"}
-INDEX = 7
+INDEX = "tiers"  # a name of its own: other tests add workers 7 and 9 to the shared mesh
 MAX_TOKENS = 6
 
 
@@ -62,6 +62,15 @@ async def addresses(mesh) -> dict[str, str]:
     return {r["id"]: r["address"] for r in await collect_status(mesh.etcd_endpoint, mesh.namespace)}
 
 
+def stop(mesh, instance_id: str) -> None:
+    """SIGTERM this test's worker (a graceful stop) and forget it, leaving the shared mesh as found."""
+    child = mesh.child(instance_id)
+    child.proc.terminate()
+    child.proc.wait(30)
+    mesh.stack.children.remove(child)
+    mesh.stack.wait_router_workers(mesh.kv_http, 2, timeout_s=30)
+
+
 async def worker_stats(address: str) -> worker_pb2.WorkerStats:
     async with grpc.aio.insecure_channel(address) as channel:
         stream = worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.WorkerStatsRequest())
@@ -97,10 +106,7 @@ async def test_tiers_serve_a_later_turn_and_survive_a_worker_restart(mesh, token
         # Restart: a graceful stop writes what host memory holds to disk and finishes the writes;
         # the new process has the same id, so the same disk directory.
         await generate(rows[worker], "filler-2", filler)
-        child = mesh.stack.children[-1]
-        child.proc.terminate()
-        child.proc.wait(30)
-        mesh.stack.wait_router_workers(mesh.kv_http, 2, timeout_s=30)
+        stop(mesh, worker)
         mesh.stack.add_worker("aggregated", INDEX, env=TIERED_ENV)
         mesh.stack.wait_router_workers(mesh.kv_http, 3, timeout_s=180)
         rows = await addresses(mesh)
@@ -112,6 +118,4 @@ async def test_tiers_serve_a_later_turn_and_survive_a_worker_restart(mesh, token
         assert cached >= len(hashes) * 16
         assert (await worker_stats(rows[worker])).disk_hit_blocks >= len(hashes)
     finally:
-        mesh.stack.children[-1].proc.terminate()
-        mesh.stack.children[-1].proc.wait(30)
-        mesh.stack.wait_router_workers(mesh.kv_http, 2, timeout_s=30)
+        stop(mesh, worker)
