@@ -122,6 +122,8 @@ class KvIndexClient:
                     if self.following:
                         log.warning("index stream broke (%s: %s); querying the kvstore until it is back",
                                     exc.code().name, exc.details())  # fmt: skip
+                except Exception:  # a bug here must not end the following for good: start over
+                    log.exception("following the index failed; querying the kvstore until a new snapshot")
             self.following = False
             self.index.clear()
             await asyncio.sleep(_RETRY_S)
