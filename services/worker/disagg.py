@@ -34,8 +34,6 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
-from kvmesh.grpc_service import mesh_channel
-from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, worker_pb2
 from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.kv_transfer import KvExport
@@ -47,9 +45,9 @@ from services.worker.kv_wire import (
     ChunkAssembler,
     TransferError,
     WireChunk,
-    checksum,
+    closing_chunks,
     export_to_chunks,
-    pull_blocks,
+    receive_into,
 )
 from services.worker.metrics import TRANSFER_FALLBACKS
 from services.worker.request_trace import record_prefill_phases
@@ -149,14 +147,8 @@ async def serve_prefill(
                               last.num_cached_tokens)  # fmt: skip
         rest = await engine.run(blocks.rest)
         released = True
-        chunks = list(export_to_chunks(rest, rest.first_block, chunk_blocks, pull.transfer_id, request.request_id,
-                                       sent))  # fmt: skip
-        if not chunks:  # a prompt of whole blocks: every block went already, the last chunk has no data
-            chunks = [WireChunk(transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=request.request_id,
-                                                          chunk_index=sent, checksum=checksum(b"")))]  # fmt: skip
+        chunks = closing_chunks(rest, rest.first_block, chunk_blocks, pull.transfer_id, request.request_id, sent)
         final = chunks[-1].header
-        final.last = True
-        final.num_tokens = rest.num_tokens
         final.cached_tokens = last.num_cached_tokens
         lp = (last.logprobs or [None])[0]
         final.first_token.CopyFrom(common_pb2.TokenLogprob(
@@ -179,21 +171,11 @@ async def pull_prefill(
 ) -> PulledPrefill:
     """The decode worker's side: ask the prefill worker for the prompt's KV and first token."""
     started = time.monotonic()
-    first_chunk_at = None
-    first_chunk_bytes = 0
     assembler = ChunkAssembler(skip_blocks)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=skip_blocks,
                                           prefill_chunk_tokens=prefill_chunk_tokens)  # fmt: skip
-    async with mesh_channel(prefill_address) as channel:
-        async for received in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
-            if received is None:  # gRPC logs a message decode_chunk refused and hands on None
-                raise TransferError(f"{request.request_id}: a message after block {assembler.next_block} "
-                                    "is not a KvBlockChunk")  # fmt: skip
-            chunk, data = received
-            if first_chunk_at is None:
-                first_chunk_at, first_chunk_bytes = time.monotonic(), len(data)
-            assembler.add(chunk, data)
+    first_chunk_at, first_chunk_bytes = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
     if last is None:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "prefill stream ended early")

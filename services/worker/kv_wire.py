@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ import torch
 import xxhash
 from google.protobuf.message import DecodeError
 
+from kvmesh.grpc_service import mesh_channel
+from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.kv_transfer import KvExport, dtype_of, tensor_pieces
 
@@ -129,6 +132,23 @@ def export_to_chunks(
         ), pieces)  # fmt: skip
 
 
+def closing_chunks(
+    export: KvExport, first_block: int, chunk_blocks: int, transfer_id: str, request_id: str, first_chunk_index: int = 0
+) -> list[WireChunk]:
+    """A stream's final chunks: ``export_to_chunks``, the last one marked ``last`` with the
+    ``num_tokens`` the blocks cover. With no block left to send (every block went already, or
+    there is none) it is one chunk without KV, checksummed like any other (the checksum of no
+    bytes), so the receiver checks it the same way."""
+    chunks = list(export_to_chunks(export, first_block, chunk_blocks, transfer_id, request_id, first_chunk_index))
+    if not chunks:
+        empty = transfer_pb2.KvBlockChunk(transfer_id=transfer_id, request_id=request_id,
+                                          chunk_index=first_chunk_index, checksum=checksum(b""))
+        chunks = [WireChunk(empty)]
+    chunks[-1].header.last = True
+    chunks[-1].header.num_tokens = export.num_tokens
+    return chunks
+
+
 # The receiving side's own parse of ``KvBlockChunk`` (same bytes on the wire, any protobuf
 # encoder may have written them): the generated parser would copy ``data`` into the message
 # and again into every ``chunk.data`` read; here it stays a view into gRPC's message bytes.
@@ -138,6 +158,23 @@ def pull_blocks(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
     """``KvTransfer.PullBlocks`` on ``channel``, yielding ``decode_chunk``'s (chunk, data) pairs."""
     return channel.unary_stream(PULL_BLOCKS_METHOD, request_serializer=transfer_pb2.PullBlocksRequest.SerializeToString,
                                 response_deserializer=decode_chunk)  # fmt: skip
+
+
+async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_pb2.PullBlocksRequest,
+                       timeout_s: float) -> tuple[float | None, int]:
+    """Stream ``pull`` from the worker at ``address`` into ``assembler``, every chunk checked as it
+    arrives; returns when the first chunk arrived (``time.monotonic``, None if none did) and its size."""
+    first_chunk_at, first_chunk_bytes = None, 0
+    async with mesh_channel(address) as channel:
+        async for received in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
+            if received is None:  # gRPC logs a message decode_chunk refused and hands on None
+                raise TransferError(f"{pull.request_id or pull.transfer_id}: a message after block "
+                                    f"{assembler.next_block} is not a KvBlockChunk")  # fmt: skip
+            chunk, data = received
+            if first_chunk_at is None:
+                first_chunk_at, first_chunk_bytes = time.monotonic(), len(data)
+            assembler.add(chunk, data)
+    return first_chunk_at, first_chunk_bytes
 
 
 def decode_chunk(message: bytes) -> tuple[transfer_pb2.KvBlockChunk, memoryview]:

@@ -17,9 +17,7 @@ import uuid
 
 import grpc
 
-from kvmesh.grpc_service import mesh_channel
 from kvmesh.hashing import block_hashes
-from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import transfer_pb2, worker_pb2
 from services.engine.async_engine import AsyncEngine
 from services.engine.kv_transfer import KvExport
@@ -28,9 +26,8 @@ from services.worker.kv_wire import (
     ChunkAssembler,
     TransferError,
     WireChunk,
-    checksum,
-    export_to_chunks,
-    pull_blocks,
+    closing_chunks,
+    receive_into,
 )
 from services.worker.metrics import observe_transfer
 
@@ -91,11 +88,7 @@ async def pull_cached(address: str, hashes: list[int], skip: int, timeout_s: flo
     chunk by chunk; None when it holds none of them (raises TransferError or gRPC's error)."""
     assembler = ChunkAssembler(skip)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, block_hashes=hashes, skip_blocks=skip)
-    async with mesh_channel(address) as channel:
-        async for received in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
-            if received is None:
-                raise TransferError("a message from the peer is not a KvBlockChunk")
-            assembler.add(*received)
+    await receive_into(assembler, address, pull, timeout_s)
     if assembler.next_block == skip:
         return None
     observe_transfer("received", assembler.bytes_received, assembler.next_block - skip)
@@ -106,11 +99,5 @@ async def serve_cached(engine: AsyncEngine, pull: transfer_pb2.PullBlocksRequest
     """The peer's side: the leading blocks of ``pull.block_hashes`` held here (any tier) from
     ``skip_blocks`` on, as chunks; the last chunk says how many tokens they cover."""
     export = await engine.run(lambda e: e.export_cached(list(pull.block_hashes), pull.skip_blocks))
-    chunks = list(export_to_chunks(export, export.first_block, pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS,
-                                   pull.transfer_id, pull.request_id))
-    if not chunks:  # nothing held: one empty chunk, checksummed like any other
-        chunks = [WireChunk(transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=pull.request_id,
-                                                      checksum=checksum(b"")))]
-    chunks[-1].header.last = True
-    chunks[-1].header.num_tokens = export.num_tokens
-    return chunks
+    return closing_chunks(export, export.first_block, pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS, pull.transfer_id,
+                          pull.request_id)
