@@ -222,6 +222,8 @@ class RouterCore:
         self.settings = settings
         self.pool = pool
         self.kv_index = kv_index
+        # A lower-tier block's copy back to the device, in block prefills (fixed by the settings).
+        self.tier_weights = TierWeights(settings.host_tier_weight, settings.disk_tier_weight)
         self.tokenizers = TokenizerCache()
         self.auth = FrontDoorAuth.from_settings(settings)
         self.admission = InflightLimit(settings.max_inflight_requests)
@@ -291,7 +293,7 @@ class RouterCore:
         overlaps = await self.kv_index.find_overlaps(info.model, hashes)
         candidates = _candidates(workers, overlaps)
         decision = choose_kv(candidates, len(hashes), self.settings.overlap_weight,
-                             self.settings.router_temperature, self._rng, _tier_weights(self.settings))  # fmt: skip
+                             self.settings.router_temperature, self._rng, self.tier_weights)  # fmt: skip
         route_mode = "kv" if overlaps is not None else "kv-load-only"
         index = self._index_source(overlaps)
         peer = max((c for c in candidates if c.prefix_overlap > decision.prefix_overlap), default=None,
@@ -324,9 +326,9 @@ class RouterCore:
                                      runner_up_cost=decode.runner_up_cost, index=index)  # fmt: skip
         candidates = _candidates(prefills, overlaps)
         prefill = choose_kv(candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature,
-                            self._rng, _tier_weights(self.settings))  # fmt: skip
+                            self._rng, self.tier_weights)  # fmt: skip
         others = rank_by_cost([c for c in candidates if c.worker_id != prefill.worker_id], len(hashes),
-                              self.settings.overlap_weight, _tier_weights(self.settings))  # fmt: skip
+                              self.settings.overlap_weight, self.tier_weights)  # fmt: skip
         route = RouteInfo(worker.worker_id, "disagg-remote", prefill.prefix_overlap, len(hashes),
                           self.pool.workers[prefill.worker_id], [self.pool.workers[w] for w in others],
                           prefill.runner_up_cost, index=index)  # fmt: skip
@@ -470,10 +472,6 @@ class RouterCore:
 def _candidates(workers: list[WorkerState], overlaps: dict[str, PrefixOverlap] | None) -> list[Candidate]:
     return [candidate(w.worker_id, (overlaps or {}).get(w.worker_id), w.active_blocks, w.waiting_requests)
             for w in workers]  # fmt: skip
-
-
-def _tier_weights(settings: RouterSettings) -> TierWeights:
-    return TierWeights(settings.host_tier_weight, settings.disk_tier_weight)
 
 
 def _check_sampling_ranges(sampling: common_pb2.SamplingParams) -> None:
