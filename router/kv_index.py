@@ -58,7 +58,6 @@ class KvIndexClient:
         self.index = PrefixIndex()
         # True while the local copy is complete (snapshot received, stream unbroken).
         self.following = False
-        self.available = False
         self.degraded_reason = ""  # empty while the index answers (or was never asked)
         self._retry_at = 0.0
         self._last_answer_at = 0.0
@@ -96,10 +95,14 @@ class KvIndexClient:
             else:
                 log.info("KV index answers again; kv routing resumed")
         self.degraded_reason = reason
-        self.available = not reason
         self._retry_at = time.monotonic() + _RETRY_S if reason else 0.0
         for name in DEGRADED_REASONS:
             KV_ROUTING_DEGRADED.labels(name).set(1 if name == reason else 0)
+
+    @property
+    def available(self) -> bool:
+        """The index answers (kv routing), as far as the last lookup or probe knows."""
+        return not self.degraded_reason
 
     def _answered(self) -> None:
         self._last_answer_at = time.monotonic()
