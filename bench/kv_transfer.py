@@ -7,9 +7,10 @@ SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, bf16, 16-token blocks) for a p
 - serialize: ``export_to_chunks`` → ``encode_chunk`` → ``decode_chunk`` → ``ChunkAssembler`` →
   ``kv()``, in one process (the message bytes gRPC would carry, no socket);
 - grpc: the same chunks streamed by a ``KvTransfer.PullBlocks`` servicer in another process
-  over loopback to the real receiving side (``mesh_channel``, ``pull_blocks``, ``kv()``);
-- grpc raw bytes: the same encoded messages as opaque bytes on the same server (no chunk work
-  on either side): gRPC's own ceiling on this machine;
+  over loopback to the real receiving side (``receive_into``, ``kv()``), over each of
+  ``--streams`` parallel stream counts (the worker's ``--transfer-streams``);
+- grpc raw bytes: the same encoded messages as opaque bytes on the same server and as many
+  connections (no chunk work on either side): gRPC's own ceiling on this machine;
 - loopback: a raw TCP copy of the same bytes (``bench.serve.loopback_mb_per_s``), the ceiling.
 
 Rates are KV bytes / seconds; ratios are against the loopback rate of the same run.
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import statistics
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -41,10 +43,12 @@ from services.worker.kv_wire import (
     add_transfer_servicer,
     decode_chunk,
     encode_chunk,
+    encoded_ahead,
     export_to_chunks,
     keep_transfer_buffers,
-    pull_blocks,
+    receive_into,
 )
+from services.worker.transfer_streams import TransferStreams
 
 _RAW_SERVICE = "kvmesh.bench.RawBytes"
 
@@ -69,7 +73,7 @@ def chunks_of(export: KvExport, chunk_blocks: int) -> list[WireChunk]:
 
 def receive(chunks, export: KvExport) -> KvExport:
     """What the decode worker does with (chunk, data) pairs off the wire."""
-    assembler = ChunkAssembler(0)
+    assembler = ChunkAssembler(0, export.num_blocks)
     for chunk, data in chunks:
         assembler.add(chunk, data)
     return assembler.kv(export.token_ids)
@@ -84,14 +88,25 @@ def time_serialize(export: KvExport, chunk_blocks: int) -> float:
 
 
 class _StreamingServicer(transfer_pb2_grpc.KvTransferServicer):
-    """Streams the export's chunks, serialized as they are sent (as ``serve_prefill`` does)."""
+    """Streams the export's chunks, serialized as they are sent (as ``serve_prefill`` does),
+    dealt over the transfer's streams as the worker's ``KvTransferServicer`` deals them."""
 
     def __init__(self, export: KvExport, chunk_blocks: int) -> None:
         self.export, self.chunk_blocks = export, chunk_blocks
+        self.streams = TransferStreams()
 
     async def PullBlocks(self, request, context):
-        for chunk in chunks_of(self.export, self.chunk_blocks):
-            yield chunk
+        if request.stream_index:
+            async for message in encoded_ahead(self.streams.follow(request.transfer_id, request.stream_index)):
+                yield message
+            return
+
+        async def chunks():
+            for chunk in chunks_of(self.export, self.chunk_blocks):
+                yield chunk
+
+        async for message in encoded_ahead(self.streams.deal(chunks(), request.transfer_id, request.streams)):
+            yield message
 
 
 def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) -> None:
@@ -99,7 +114,8 @@ def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) ->
     messages = [encode_chunk(chunk) for chunk in chunks_of(export, chunk_blocks)]
 
     async def raw(request: bytes, context: grpc.aio.ServicerContext):
-        for message in messages:
+        index, streams = map(int, request.split(b","))
+        for message in messages[index::streams]:
             yield message
 
     async def run() -> None:
@@ -114,72 +130,90 @@ def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) ->
     asyncio.run(run())
 
 
-async def _pull_once(address: str, export: KvExport) -> float:
-    async with mesh_channel(address) as channel:
-        start = time.perf_counter()
-        stream = pull_blocks(channel)(transfer_pb2.PullBlocksRequest(transfer_id="bench"))
-        kv = receive([pair async for pair in stream], export)
-        seconds = time.perf_counter() - start
+async def _pull_once(address: str, export: KvExport, streams: int) -> float:
+    """One pull as the decode worker makes it (``receive_into``: its streams, its checks)."""
+    assembler = ChunkAssembler(0, export.num_blocks)  # as a decode worker, which knows the prompt's length
+    start = time.perf_counter()
+    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=streams)
+    await receive_into(assembler, address, pull, timeout_s=60)
+    kv = assembler.kv(export.token_ids)
+    seconds = time.perf_counter() - start
     assert torch.equal(kv.data.view(torch.uint8), export.data.view(torch.uint8)), "reassembly is not bit-exact"
     return seconds
 
 
-async def _raw_once(address: str) -> float:
-    """The same messages as opaque bytes: what gRPC itself costs, with no chunk work on either side."""
-    async with mesh_channel(address) as channel:
-        start = time.perf_counter()
-        async for _ in channel.unary_stream(f"/{_RAW_SERVICE}/Stream")(b""):
-            pass
-        return time.perf_counter() - start
+async def _raw_once(address: str, streams: int) -> float:
+    """The same messages as opaque bytes, every ``streams``-th on each of ``streams`` connections:
+    what gRPC itself costs, with no chunk work on either side."""
+
+    async def one(index: int) -> None:
+        async with mesh_channel(address, own_connection=streams > 1) as channel:
+            async for _ in channel.unary_stream(f"/{_RAW_SERVICE}/Stream")(f"{index},{streams}".encode()):
+                pass
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(index) for index in range(streams)))
+    return time.perf_counter() - start
 
 
-def time_grpc(export: KvExport, chunk_blocks: int, runs: int) -> tuple[list[float], list[float]]:
-    """(PullBlocks seconds, raw-bytes stream seconds) per run, interleaved."""
+def time_grpc(export: KvExport, chunk_blocks: int, runs: int, streams: list[int]) -> dict[int, tuple[list, list]]:
+    """Per stream count: (PullBlocks seconds, raw-bytes seconds) per run, interleaved."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
     server = ctx.Process(target=_serve, args=(export, chunk_blocks, ports), daemon=True)
     server.start()
     try:
         address = f"127.0.0.1:{ports.get(timeout=60)}"
-        asyncio.run(_pull_once(address, export))  # warm-up: channel, first-call costs
-        pulls, raws = [], []
+        times: dict[int, tuple[list, list]] = {count: ([], []) for count in streams}
+        for count in streams:
+            asyncio.run(_pull_once(address, export, count))  # warm-up: channels, first-call costs
         for _ in range(runs):
-            pulls.append(asyncio.run(_pull_once(address, export)))
-            raws.append(asyncio.run(_raw_once(address)))
-        return pulls, raws
+            for count in streams:
+                times[count][0].append(asyncio.run(_pull_once(address, export, count)))
+                times[count][1].append(asyncio.run(_raw_once(address, count)))
+        return times
     finally:
         server.terminate()
         server.join()
 
 
-def measure(model: str, tokens: int, chunk_blocks: int, runs: int, block_size: int = 16) -> dict:
+def measure(model: str, tokens: int, chunk_blocks: int, runs: int, streams: list[int], block_size: int = 16) -> dict:
     keep_transfer_buffers()  # as the worker process does
     export = make_export(model, tokens, block_size, torch.bfloat16)
     size = export.data.numel() * export.data.element_size()
     loadavg_start = os.getloadavg()[0]
+    loopback = [loopback_mb_per_s(size, repeats=runs)]
     serialize = statistics.median(time_serialize(export, chunk_blocks) for _ in range(runs))
-    pulls, raws = time_grpc(export, chunk_blocks, runs)
-    wire, raw = statistics.median(pulls), statistics.median(raws)
-    loopback = loopback_mb_per_s(size, repeats=runs)
-    rates = {"serialize_mb_per_s": size / serialize / 1e6, "grpc_mb_per_s": size / wire / 1e6,
-             "grpc_raw_bytes_mb_per_s": size / raw / 1e6, "loopback_mb_per_s": loopback}  # fmt: skip
+    times = time_grpc(export, chunk_blocks, runs, streams)
+    loopback.append(loopback_mb_per_s(size, repeats=runs))
+    loopback_rate = statistics.mean(loopback)  # before and after the gRPC runs
+
+    def rate(seconds: list[float]) -> dict:
+        mb_per_s = size / statistics.median(seconds) / 1e6
+        return {"mb_per_s": mb_per_s, "ratio": mb_per_s / loopback_rate}
+
     return {"model": model, "tokens": tokens, "bytes": size, "chunk_blocks": chunk_blocks,
-            "chunk_bytes": size // export.num_blocks * chunk_blocks, "runs": runs, **rates,
-            "serialize_ratio": rates["serialize_mb_per_s"] / loopback, "grpc_ratio": rates["grpc_mb_per_s"] / loopback,
-            "grpc_raw_bytes_ratio": rates["grpc_raw_bytes_mb_per_s"] / loopback,
+            "chunk_bytes": size // export.num_blocks * chunk_blocks, "runs": runs, "cpus": os.cpu_count(),
+            "loopback_mb_per_s": loopback_rate, "loopback_before_after": loopback,
+            "serialize": rate([serialize]),
+            "streams": {str(count): {"grpc": rate(pulls), "grpc_raw_bytes": rate(raws)}
+                        for count, (pulls, raws) in times.items()},
             "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0]}  # fmt: skip
 
 
 def print_result(r: dict) -> None:
     print(f"KV transfer, {r['model']} {r['tokens']} tokens = {r['bytes'] / 1e6:.1f} MB, "
-          f"{r['chunk_blocks']} blocks/chunk ({r['chunk_bytes'] / 1e6:.2f} MB), medians of {r['runs']}:")
-    print(f"  {'path':<34}{'MB/s':>8}{'vs loopback':>13}")
-    rows = (("serialize + assemble (in-process)", "serialize"), ("gRPC PullBlocks stream (loopback)", "grpc"),
-            ("gRPC stream of opaque bytes", "grpc_raw_bytes"))
-    for label, key in rows:
-        print(f"  {label:<34}{r[key + '_mb_per_s']:>8.0f}{r[key + '_ratio']:>13.0%}")
-    print(f"  {'raw loopback socket copy':<34}{r['loopback_mb_per_s']:>8.0f}{1:>13.0%}")
-    print(f"  1-min load average {r['loadavg_start']:.1f} at start, {r['loadavg_end']:.1f} at end (shared machine)")
+          f"{r['chunk_blocks']} blocks/chunk ({r['chunk_bytes'] / 1e6:.2f} MB), medians of {r['runs']}, "
+          f"{r['cpus']} CPUs:")
+    print(f"  {'path':<44}{'MB/s':>8}{'vs loopback':>13}")
+    serialize = r["serialize"]
+    print(f"  {'serialize + assemble (in-process)':<44}{serialize['mb_per_s']:>8.0f}{serialize['ratio']:>13.0%}")
+    for count, row in r["streams"].items():
+        for label, key in ((f"gRPC PullBlocks, {count} stream(s)", "grpc"),
+                           (f"gRPC opaque bytes, {count} stream(s)", "grpc_raw_bytes")):
+            print(f"  {label:<44}{row[key]['mb_per_s']:>8.0f}{row[key]['ratio']:>13.0%}")
+    print(f"  {'raw loopback socket copy (before/after)':<44}{r['loopback_mb_per_s']:>8.0f}{1:>13.0%}")
+    print(f"  1-min load average {r['loadavg_start']:.1f} at start, {r['loadavg_end']:.1f} at end")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1500, help="prompt length")
     parser.add_argument("--chunk-blocks", type=int, default=DEFAULT_CHUNK_BLOCKS)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--streams", default="1,2,4", help="comma-separated stream counts per transfer to compare")
     parser.add_argument("--json", type=Path, default=Path("bench/results/kv-transfer.json"))
     args = parser.parse_args(argv)
-    result = measure(args.model, args.tokens, args.chunk_blocks, args.runs)
+    result = measure(args.model, args.tokens, args.chunk_blocks, args.runs,
+                     [int(count) for count in args.streams.split(",")])
     print_result(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))

@@ -154,6 +154,8 @@ class WorkerSettings(ServiceSettings):
         "disaggregated prefill: prompt tokens per engine step, finished blocks sent meanwhile; 0 = whole prompt"))
     transfer_timeout_s: float = dataclasses.field(default=60.0, metadata=_help(
         "decode worker: give up a KV pull after this long (then the next prefill worker, or prefill locally)"))
+    transfer_streams: int = dataclasses.field(default=2, metadata=_help(
+        "decode worker: parallel streams (connections) a KV pull is spread over, 1 to 16"))
     max_waiting_requests: int = dataclasses.field(
         default=64, metadata=_help("requests queued beyond the running batch before the worker refuses; 0 = no limit")
     )
@@ -170,6 +172,8 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("block_size and stats_interval_ms must be positive, event_flush_ms >= 0")
         if self.prefill_chunk_tokens < 0 or self.transfer_timeout_s <= 0:
             raise ValueError("prefill_chunk_tokens must be >= 0 and transfer_timeout_s positive")
+        if not 1 <= self.transfer_streams <= 16:
+            raise ValueError(f"transfer_streams must be 1 to 16, got {self.transfer_streams}")
         if self.kv_cache_blocks < 0 or self.host_cache_gb < 0 or self.disk_cache_gb < 0:
             raise ValueError("kv_cache_blocks, host_cache_gb and disk_cache_gb must be >= 0")
         if not self.disk_cache_dir:

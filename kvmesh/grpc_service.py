@@ -39,14 +39,16 @@ CHANNEL_OPTIONS = [
 MESH_ONLY_PREFIXES = ("/kvmesh.v1.KvTransfer/", "/kvmesh.v1.Worker/SwitchRole")
 
 
-def mesh_channel(address: str) -> grpc.aio.Channel:
+def mesh_channel(address: str, own_connection: bool = False) -> grpc.aio.Channel:
     """The one way services open channels to each other: same limits everywhere, and this
-    process's TLS identity and mesh token when it has them."""
+    process's TLS identity and mesh token when it has them. Channels to one address share a
+    connection unless ``own_connection`` (parallel bulk streams want one each)."""
     config, interceptors = tls.active(), tls.channel_interceptors()
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else CHANNEL_OPTIONS
     if config is not None:
-        return grpc.aio.secure_channel(address, config.channel_credentials(), options=CHANNEL_OPTIONS,
+        return grpc.aio.secure_channel(address, config.channel_credentials(), options=options,
                                        interceptors=interceptors)  # fmt: skip
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 def tls_from_settings(settings: ServiceSettings) -> tls.TlsConfig | None:

@@ -167,18 +167,19 @@ async def serve_prefill(
 
 async def pull_prefill(
     prefill_address: str, request: worker_pb2.WorkerGenerateRequest, skip_blocks: int, timeout_s: float,
-    prefill_chunk_tokens: int = 0,
+    prefill_chunk_tokens: int = 0, streams: int = 1, block_size: int = 0,
 ) -> PulledPrefill:
-    """The decode worker's side: ask the prefill worker for the prompt's KV and first token."""
+    """The decode worker's side: ask the prefill worker for the prompt's KV and first token
+    (over ``streams`` parallel streams; with the pool's ``block_size`` known, each chunk goes
+    into place as it arrives)."""
     started = time.monotonic()
-    assembler = ChunkAssembler(skip_blocks)
+    expected_blocks = -(-len(request.token_ids) // block_size) - skip_blocks if block_size else 0
+    assembler = ChunkAssembler(skip_blocks, max(expected_blocks, 0))
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=skip_blocks,
-                                          prefill_chunk_tokens=prefill_chunk_tokens)  # fmt: skip
+                                          prefill_chunk_tokens=prefill_chunk_tokens, streams=streams)  # fmt: skip
     first_chunk_at, first_chunk_bytes = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
-    if last is None:
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "prefill stream ended early")
     done = time.monotonic()
     return PulledPrefill(prefill_address, last.first_token, last.cached_tokens, assembler, done - started,
                          done - first_chunk_at, first_chunk_bytes)  # fmt: skip
@@ -186,7 +187,7 @@ async def pull_prefill(
 
 async def pull_with_retries(
     prefill_addresses: list[str], request: worker_pb2.WorkerGenerateRequest, skip_blocks: int, timeout_s: float,
-    stats: TransferStats,
+    stats: TransferStats, streams: int = 1, block_size: int = 0,
 ) -> PulledPrefill | None:
     """Pull from the first prefill worker that delivers (see the module doc); None when none
     did and the caller must prefill locally."""
@@ -195,7 +196,7 @@ async def pull_with_retries(
     while pending:
         address = pending.pop(0)
         try:
-            return await pull_prefill(address, request, skip_blocks, timeout_s)
+            return await pull_prefill(address, request, skip_blocks, timeout_s, streams=streams, block_size=block_size)
         except (grpc.aio.AioRpcError, TransferError) as exc:
             if not pending and isinstance(exc, TransferError) and not retried_same:
                 pending.append(address)

@@ -14,11 +14,14 @@ into the tensor it imports (``ChunkAssembler.kv``). The bytes on the wire are pl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -79,17 +82,66 @@ class WireChunk:
         return sum(piece.nbytes for piece in self.pieces)
 
     def encode(self) -> bytes:
-        """The ``KvBlockChunk`` as protobuf wire bytes: header fields, then field ``data``."""
+        """The ``KvBlockChunk`` as protobuf wire bytes: header fields, then field ``data``.
+
+        The checksum is taken here, not when the chunk is cut, so that it is paid by whichever
+        thread encodes (``encoded_ahead``): hashing and joining release the GIL, so the
+        chunks of parallel streams are encoded on several cores."""
         size = self.size
         if not size:
             return self.header.SerializeToString()
+        digest = xxhash.xxh3_64()  # the same value as xxh3_64 of the pieces joined, without joining them
+        for piece in self.pieces:
+            digest.update(piece)
+        self.header.checksum = digest.intdigest()
         tag_and_length = _encode_varint(_DATA_FIELD << 3 | 2) + _encode_varint(size)
         return b"".join([self.header.SerializeToString(), tag_and_length, *self.pieces])
 
 
-def encode_chunk(chunk: WireChunk | transfer_pb2.KvBlockChunk) -> bytes:
-    """gRPC response serializer for ``PullBlocks`` (a relay may pass plain messages on)."""
+def encode_chunk(chunk: WireChunk | transfer_pb2.KvBlockChunk | bytes) -> bytes:
+    """gRPC response serializer for ``PullBlocks`` (a relay may pass plain messages on; a chunk
+    already encoded passes as it is)."""
+    if isinstance(chunk, bytes):
+        return chunk
     return chunk.encode() if isinstance(chunk, WireChunk) else chunk.SerializeToString()
+
+
+ENCODE_AHEAD = 2
+
+
+async def encoded_ahead(chunks: AsyncIterator[WireChunk], depth: int = ENCODE_AHEAD) -> AsyncIterator[bytes]:
+    """``chunks`` as wire bytes, each encoded in a worker thread while the ones before it are
+    on the wire (up to ``depth`` ahead). Off the event loop, because a multi-megabyte chunk's
+    copy and checksum would stall every other stream this process serves; ahead, because
+    encoding only after gRPC asked for the next message left the link idle meanwhile (the
+    stream ran at a third of its raw-bytes rate)."""
+    ready: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(maxsize=depth)
+
+    async def encode_all() -> None:
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                await ready.put(asyncio.ensure_future(asyncio.to_thread(chunk.encode)))
+        await ready.put(None)
+
+    producer = asyncio.create_task(encode_all())
+    try:
+        while (encoded := await _next_ready(ready, producer)) is not None:
+            yield await encoded
+        await producer  # its error, if it failed after its last chunk
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+
+
+async def _next_ready(ready: asyncio.Queue, producer: asyncio.Task) -> asyncio.Future[bytes] | None:
+    """The next encoded chunk, or the producer's error as soon as it fails."""
+    get = asyncio.ensure_future(ready.get())
+    await asyncio.wait([get, producer], return_when=asyncio.FIRST_COMPLETED)
+    if not get.done() and producer.exception() is not None:
+        get.cancel()
+        raise producer.exception()
+    return await get  # a producer that finished left its chunks and the end mark queued
 
 
 def add_transfer_servicer(servicer: transfer_pb2_grpc.KvTransferServicer, server: grpc.aio.Server) -> None:
@@ -112,7 +164,8 @@ def export_to_chunks(
     as chunks of ``chunk_blocks`` blocks (all layers), numbered from ``first_chunk_index``.
 
     The caller sets the last chunk's ``last``, ``num_tokens`` and ``first_token``. The chunks
-    view ``export.data``: it must not change until they are sent.
+    view ``export.data``: it must not change until they are sent. Their checksums are set when
+    they are encoded.
     """
     layers = export.data.shape[0]
     chunk_blocks = chunk_blocks or DEFAULT_CHUNK_BLOCKS
@@ -120,16 +173,11 @@ def export_to_chunks(
     for index, start in enumerate(range(first_block, end, chunk_blocks), start=first_chunk_index):
         stop = min(start + chunk_blocks, end)
         part = export.data[:, :, start - export.first_block : stop - export.first_block]
-        pieces = tensor_pieces(part)
-        digest = xxhash.xxh3_64()  # the same value as xxh3_64 of the pieces joined, without joining them
-        for piece in pieces:
-            digest.update(piece)
         yield WireChunk(transfer_pb2.KvBlockChunk(
             transfer_id=transfer_id, request_id=request_id, chunk_index=index, layer_start=0, layer_count=layers,
             block_indices=range(start, stop), dtype=export.dtype, shape=list(part.shape),
             block_hashes=export.block_hashes[start - export.first_block : stop - export.first_block],
-            checksum=digest.intdigest(),
-        ), pieces)  # fmt: skip
+        ), tensor_pieces(part))  # fmt: skip
 
 
 def closing_chunks(
@@ -163,18 +211,43 @@ def pull_blocks(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
 async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_pb2.PullBlocksRequest,
                        timeout_s: float) -> tuple[float | None, int]:
     """Stream ``pull`` from the worker at ``address`` into ``assembler``, every chunk checked as it
-    arrives; returns when the first chunk arrived (``time.monotonic``, None if none did) and its size."""
-    first_chunk_at, first_chunk_bytes = None, 0
-    async with mesh_channel(address) as channel:
-        async for received in pull_blocks(channel)(pull, timeout=timeout_s, metadata=outgoing_metadata()):
+    arrives, over ``pull.streams`` parallel calls (each on its own connection); returns when the
+    first chunk arrived (``time.monotonic``, None if none did) and its size. A failure of any
+    stream fails the whole transfer and cancels the others."""
+    streams = max(1, pull.streams)
+    first: list[tuple[float, int]] = []
+
+    async def receive(index: int, channel: grpc.aio.Channel) -> None:
+        request = pull if index == 0 else transfer_pb2.PullBlocksRequest(
+            transfer_id=pull.transfer_id, request_id=pull.request_id, streams=streams, stream_index=index)
+        async for received in pull_blocks(channel)(request, timeout=timeout_s, metadata=outgoing_metadata()):
             if received is None:  # gRPC logs a message decode_chunk refused and hands on None
-                raise TransferError(f"{pull.request_id or pull.transfer_id}: a message after block "
-                                    f"{assembler.next_block} is not a KvBlockChunk")  # fmt: skip
+                raise TransferError(f"{pull.request_id or pull.transfer_id}: a message on stream {index} "
+                                    "is not a KvBlockChunk")  # fmt: skip
             chunk, data = received
-            if first_chunk_at is None:
-                first_chunk_at, first_chunk_bytes = time.monotonic(), len(data)
-            assembler.add(chunk, data)
-    return first_chunk_at, first_chunk_bytes
+            if not first:
+                first.append((time.monotonic(), len(data)))
+            await assembler.add_off_loop(chunk, data)
+
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [await stack.enter_async_context(mesh_channel(address, own_connection=streams > 1))
+                    for _ in range(streams)]  # fmt: skip
+        await all_or_nothing([receive(index, channel) for index, channel in enumerate(channels)])
+    assembler.check_complete()
+    return first[0] if first else (None, 0)
+
+
+async def all_or_nothing(calls: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``calls`` concurrently; the first failure cancels the rest and is raised as it is."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def decode_chunk(message: bytes) -> tuple[transfer_pb2.KvBlockChunk, memoryview]:
@@ -233,40 +306,77 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 class ChunkAssembler:
     """Collects one transfer's chunks, checking each as it arrives.
 
-    A chunk's bytes are kept as they came off the wire (a view into the gRPC message, see
-    ``decode_chunk``) and copied once, by ``kv()``, into the tensor the engine imports: no
-    per-chunk tensor, no ``torch.cat``.
+    Chunks may come in any order (a transfer spread over several streams interleaves them);
+    ``kv()`` refuses a transfer whose blocks do not tile ``first_block..`` without a gap or an
+    overlap. With ``expected_blocks`` known (a disaggregated prefill: the prompt's length says
+    it), each chunk is copied into the tensor the engine imports as it arrives, off the event
+    loop, overlapping the rest of the transfer; otherwise (a peer fetch) a chunk's bytes are kept
+    as they came off the wire (a view into the gRPC message, see ``decode_chunk``) and copied
+    once, by ``kv()``. No per-chunk tensor, no ``torch.cat`` either way.
     """
 
-    def __init__(self, first_block: int) -> None:
+    def __init__(self, first_block: int, expected_blocks: int = 0) -> None:
         self.first_block = first_block
-        self.next_block = first_block
-        self.parts: list[tuple[int, bytes | memoryview]] = []  # (blocks, their bytes)
+        self.expected_blocks = expected_blocks
+        self.blocks_received = 0
+        # first block → (blocks, their bytes unless already placed in ``data``, their hashes)
+        self.parts: dict[int, tuple[int, bytes | memoryview | None, list[int]]] = {}
         self.shape: list[int] | None = None  # of the blocks received so far
         self.dtype = ""
-        self.block_hashes: list[int] = []
+        self.data: torch.Tensor | None = None  # the destination, once the first chunk said its layout
         self.bytes_received = 0
         self.last: transfer_pb2.KvBlockChunk | None = None
 
     def add(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview | None = None) -> None:
         """Check and keep ``chunk``; ``data`` stands for ``chunk.data`` when the bytes were
         left out of the message object (``decode_chunk``)."""
-        if data is None:
-            data = chunk.data
+        data = chunk.data if data is None else data
+        self.verify(chunk, data)
+        placement = self.keep(chunk, data)
+        if placement is not None:
+            self.place(*placement)
+
+    async def add_off_loop(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> None:
+        """``add`` with the checksum and the copy in a worker thread (both release the GIL), so
+        the event loop reads the next chunks meanwhile. Bookkeeping stays on the loop."""
+        await asyncio.to_thread(self.verify, chunk, data)
+        placement = self.keep(chunk, data)
+        if placement is not None:
+            await asyncio.to_thread(self.place, *placement)
+
+    @staticmethod
+    def verify(chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> None:
         if checksum(data) != chunk.checksum:
             raise TransferError(f"chunk {chunk.chunk_index} of {chunk.request_id}: checksum mismatch")
+
+    def keep(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> tuple[int, int, memoryview] | None:
+        """Record a verified chunk; returns what ``place`` must copy into ``data`` (None: nothing)."""
         indices = list(chunk.block_indices)
-        if indices and indices != list(range(self.next_block, self.next_block + len(indices))):
-            raise TransferError(f"chunk {chunk.chunk_index}: blocks {indices[:3]}… out of order "
-                                f"(expected {self.next_block})")  # fmt: skip
+        placement = None
         if indices:
+            start = indices[0]
+            if start < self.first_block or start in self.parts or indices != list(range(start, start + len(indices))):
+                raise TransferError(f"chunk {chunk.chunk_index}: blocks {indices[:3]}… are not a new run of blocks "
+                                    f"from {self.first_block} on")  # fmt: skip
+            if self.expected_blocks and start + len(indices) > self.first_block + self.expected_blocks:
+                raise TransferError(f"chunk {chunk.chunk_index}: blocks beyond the {self.expected_blocks} expected")
             self._check_layout(chunk, len(indices), len(data))
-            self.parts.append((len(indices), data))
-            self.block_hashes += list(chunk.block_hashes)
-            self.next_block += len(indices)
+            if self.expected_blocks and self.data is None:
+                self.data = torch.empty([*self.shape[:2], self.expected_blocks, *self.shape[3:]],
+                                        dtype=dtype_of(self.dtype))  # fmt: skip
+            placement = (start, len(indices), data) if self.data is not None else None
+            self.parts[start] = (len(indices), None if placement else data, list(chunk.block_hashes))
+            self.blocks_received += len(indices)
         self.bytes_received += len(data)
         if chunk.last:
+            if self.last is not None:
+                raise TransferError(f"chunk {chunk.chunk_index}: a second last chunk")
             self.last = chunk
+        return placement
+
+    def place(self, start: int, blocks: int, data: bytes | memoryview) -> None:
+        """Copy blocks ``start..`` into ``self.data`` (bands of different chunks are disjoint)."""
+        _copy_band(self.data, start - self.first_block, blocks, data)
 
     def _check_layout(self, chunk: transfer_pb2.KvBlockChunk, blocks: int, size: int) -> None:
         """Shape, dtype and size agree with the block count and with the chunks before."""
@@ -287,21 +397,42 @@ class ChunkAssembler:
         else:
             self.shape[2] += blocks
 
-    def kv(self, token_ids: list[int]) -> KvExport:
-        """The received blocks as an export of blocks ``first_block..`` of ``token_ids``."""
+    def check_complete(self) -> list[tuple[int, bytes | memoryview, list[int]]]:
+        """The parts by block, checked to tile ``first_block..`` and to end with the last chunk's."""
         if self.last is None:
             raise TransferError("the transfer ended before its last chunk")
+        expected = self.first_block
+        for start in sorted(self.parts):
+            if start != expected:
+                raise TransferError(f"blocks {expected}..{start - 1} are missing from the transfer")
+            expected += self.parts[start][0]
+        last_blocks = list(self.last.block_indices)
+        if last_blocks and last_blocks[-1] + 1 != expected:
+            raise TransferError(f"blocks {last_blocks[-1] + 1}..{expected - 1} came after the last chunk's")
+        return [self.parts[start] for start in sorted(self.parts)]
+
+    def kv(self, token_ids: list[int]) -> KvExport:
+        """The received blocks as an export of blocks ``first_block..`` of ``token_ids``."""
+        parts = self.check_complete()
         num_tokens = self.last.num_tokens
         data = torch.empty(0)
-        if self.shape is not None:
+        if self.data is not None:
+            data = self.data if self.blocks_received == self.expected_blocks else (
+                self.data[:, :, : self.blocks_received].contiguous())  # fmt: skip
+        elif self.shape is not None:
             data = torch.empty(self.shape, dtype=dtype_of(self.dtype))
-            # [layers * 2, blocks * block bytes]: each chunk fills a column band, one
-            # contiguous run of bytes per (layer, K/V) row.
-            rows = data.view(torch.uint8).numpy().reshape(self.shape[0] * self.shape[1], -1)
-            block_bytes = rows.shape[1] // self.shape[2]
             start = 0
-            for blocks, part in self.parts:
-                band = rows[:, start * block_bytes : (start + blocks) * block_bytes]
-                band[...] = np.frombuffer(part, dtype=np.uint8).reshape(band.shape)
+            for blocks, part, _ in parts:
+                _copy_band(data, start, blocks, part)
                 start += blocks
-        return KvExport(list(token_ids[:num_tokens]), num_tokens, self.block_hashes, data, self.first_block)
+        block_hashes = [block_hash for _, _, hashes in parts for block_hash in hashes]
+        return KvExport(list(token_ids[:num_tokens]), num_tokens, block_hashes, data, self.first_block)
+
+
+def _copy_band(data: torch.Tensor, first: int, blocks: int, part: bytes | memoryview) -> None:
+    """Blocks ``first..first+blocks`` of ``data`` ([layers, 2, blocks, ...]) from a chunk's bytes:
+    one contiguous run per (layer, K/V) row."""
+    rows = data.view(torch.uint8).numpy().reshape(data.shape[0] * data.shape[1], -1)
+    block_bytes = rows.shape[1] // data.shape[2]
+    band = rows[:, first * block_bytes : (first + blocks) * block_bytes]
+    band[...] = np.frombuffer(part, dtype=np.uint8).reshape(band.shape)

@@ -89,9 +89,9 @@ async def pull_cached(address: str, hashes: list[int], skip: int, timeout_s: flo
     assembler = ChunkAssembler(skip)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, block_hashes=hashes, skip_blocks=skip)
     await receive_into(assembler, address, pull, timeout_s)
-    if assembler.next_block == skip:
+    if not assembler.blocks_received:
         return None
-    observe_transfer("received", assembler.bytes_received, assembler.next_block - skip)
+    observe_transfer("received", assembler.bytes_received, assembler.blocks_received)
     return assembler.kv([])
 
 

@@ -64,7 +64,7 @@ async def serve(settings: WorkerSettings) -> None:
                         settings.peer_transfer_ms_per_block / 1000, settings.prefill_ms_per_block / 1000)
     servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms,
                               settings.transfer_timeout_s, settings.max_waiting_requests,
-                              peers if settings.peer_fetch else None)  # fmt: skip
+                              peers if settings.peer_fetch else None, settings.transfer_streams)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
     lifecycle = WorkerLifecycle(process, servicer)
     process.on_drain(lambda: lifecycle.drain(settings.drain_timeout_s))

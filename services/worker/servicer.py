@@ -39,13 +39,14 @@ log = logging.getLogger(__name__)
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine, worker_id: str, role: str, stats_interval_ms: int,
                  transfer_timeout_s: float = 60.0, max_waiting_requests: int = 0,
-                 peers: PeerFetcher | None = None) -> None:  # fmt: skip
+                 peers: PeerFetcher | None = None, transfer_streams: int = 1) -> None:  # fmt: skip
         self.engine = engine
         self.peers = peers
         # Requests beyond the running batch wait in the engine; past this many the worker refuses
         # (RESOURCE_EXHAUSTED: the router tries another worker) rather than queue without bound.
         self.max_live = engine.engine.config.max_num_seqs + max_waiting_requests if max_waiting_requests else 0
         self.transfer_timeout_s = transfer_timeout_s
+        self.transfer_streams = transfer_streams
         self.transfers = TransferStats()
         self.worker_id = worker_id
         self.role = role
@@ -142,9 +143,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
         with trace.kv_transfer() as span:
             pulled = await pull_with_retries(prefill_addresses, request, skip, self.transfer_timeout_s,
-                                             self.transfers)  # fmt: skip
+                                             self.transfers, self.transfer_streams,
+                                             self.engine.engine.config.block_size)  # fmt: skip
             if pulled is not None:
-                trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.next_block - skip,
+                trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.blocks_received,
                                   pulled.seconds, pulled.transfer_seconds)  # fmt: skip
         if pulled is None:
             trace.path = "fallback"
@@ -153,7 +155,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return
         received = pulled.assembler
         log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were already "
-                 "here", received.next_block - skip, received.bytes_received, request.request_id,
+                 "here", received.blocks_received, received.bytes_received, request.request_id,
                  pulled.prefill_address, pulled.seconds, pulled.transfer_seconds, skip)  # fmt: skip
         first = pulled.first_token
         eos = first.token_id in self.engine.engine.eos_token_ids and not sampling.ignore_eos
@@ -169,7 +171,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         yield response
         if done:
             return
-        kv = pulled.assembler.kv(tokens)
+        kv = await asyncio.to_thread(pulled.assembler.kv, tokens)  # one copy of the whole KV: off the event loop
         try:
             async for response in self._local_outputs(request, sampling, started, kv=kv, kv_first_block=skip,
                                                       output_token_ids=[first.token_id]):  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,25 +14,52 @@ from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.worker.disagg import serve_prefill
 from services.worker.errors import engine_errors_as_status
-from services.worker.kv_wire import WireChunk
+from services.worker.kv_wire import WireChunk, encoded_ahead
 from services.worker.metrics import observe_transfer
 from services.worker.peer_fetch import serve_cached
+from services.worker.transfer_streams import MAX_STREAMS, TransferStreams
+
+
+async def _as_stream(chunks: list[WireChunk]) -> AsyncIterator[WireChunk]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _counted(chunks: AsyncIterator[WireChunk]) -> AsyncIterator[WireChunk]:
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            observe_transfer("sent", chunk.size, len(chunk.header.block_indices) if not chunk.header.layer_start else 0)
+            yield chunk
+
+
+def _on_the_wire(chunks: AsyncIterator[WireChunk]) -> AsyncIterator[bytes]:
+    """``chunks`` counted in the transfer metrics and encoded ahead of gRPC asking for them."""
+    return encoded_ahead(_counted(chunks))
 
 
 class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
     def __init__(self, engine: AsyncEngine, prefill_chunk_tokens: int = 0) -> None:
         self.engine = engine
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.streams = TransferStreams()
 
     async def PullBlocks(
         self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[WireChunk]:
+    ) -> AsyncIterator[bytes]:
+        if request.streams > MAX_STREAMS or request.stream_index >= max(request.streams, 1):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream {request.stream_index} of "
+                                f"{request.streams}: a transfer takes 1 to {MAX_STREAMS} streams, numbered from 0")
+        if request.stream_index:
+            # Another stream of a transfer whose stream 0 carries the request: its share, as dealt.
+            async for message in _on_the_wire(self.streams.follow(request.transfer_id, request.stream_index)):
+                yield message
+            return
         if not request.HasField("request"):
             # A peer fetch: only what this worker already holds, nothing computed.
             async with engine_errors_as_status(context):
-                for chunk in await serve_cached(self.engine, request):
-                    observe_transfer("sent", chunk.size, len(chunk.header.block_indices))
-                    yield chunk
+                cached = _as_stream(await serve_cached(self.engine, request))
+                async for message in _on_the_wire(self.streams.deal(cached, request.transfer_id, request.streams)):
+                    yield message
             return
         model = self.engine.engine.model_id
         if request.request.model and request.request.model != model:
@@ -41,7 +69,7 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
                           attributes={"kvmesh.request_id": request.request_id})  # fmt: skip
         with trace.use_span(span, end_on_exit=True):
             async with engine_errors_as_status(context):
-                async for chunk in serve_prefill(self.engine, request, self.prefill_chunk_tokens):
-                    observe_transfer("sent", chunk.size,
-                                     len(chunk.header.block_indices) if not chunk.header.layer_start else 0)
-                    yield chunk
+                chunks = serve_prefill(self.engine, request, self.prefill_chunk_tokens)
+                async for message in _on_the_wire(self.streams.deal(chunks, request.transfer_id, request.streams)):
+                    yield message
+

@@ -28,29 +28,34 @@ MAX_TOKENS = 8
 
 
 class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
-    """Forwards PullBlocks to a real prefill worker; the next pull suffers ``faults.pop(0)``."""
+    """Forwards PullBlocks to a real prefill worker; the next pull suffers ``faults.pop(0)`` on
+    its stream ``fault_stream``'s chunk ``fault_at`` (a transfer may be spread over streams)."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.faults: list[str] = []
-        self.pulls = 0
+        self.fault_stream, self.fault_at = 0, 1
+        self.pulls = 0  # transfers (calls of their stream 0)
+        self.calls = 0  # calls of any stream
         self.evict: AsyncEngine | None = None  # the engine whose cache an "evict" fault empties
 
     async def PullBlocks(
         self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[transfer_pb2.KvBlockChunk]:
-        fault = self.faults.pop(0) if self.faults else ""
-        self.pulls += 1
+        fault = self.faults.pop(0) if self.faults and request.stream_index == self.fault_stream else ""
+        self.pulls += not request.stream_index
+        self.calls += 1
         async with mesh_channel(self.target) as channel:
             index = 0
             async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(request):
-                if index == 1 and fault == "corrupt":
+                at = index == self.fault_at
+                if at and fault == "corrupt":
                     chunk.data = bytes([chunk.data[0] ^ 0x01]) + chunk.data[1:]
-                elif index == 1 and fault == "die":
+                elif at and fault == "die":
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker went away mid-transfer")
-                elif index == 1 and fault == "stall":
+                elif at and fault == "stall":
                     await asyncio.Event().wait()  # until the decode worker's deadline cancels the call
-                elif index == 1 and fault == "evict":  # the receiver's reusable blocks vanish mid-pull
+                elif at and fault == "evict":  # the receiver's reusable blocks vanish mid-pull
                     await self.evict.run(lambda e: e.reset_prefix_cache())
                 index += 1
                 yield chunk
@@ -77,6 +82,7 @@ def decode_engine() -> Iterator[AsyncEngine]:
 @dataclass
 class Workers:
     prefill_address: str
+    prefill: KvTransferServicer
     proxy: TamperingProxy
     proxy_address: str
     decode: WorkerServicer
@@ -94,14 +100,14 @@ async def serve(add: object, servicer: object) -> tuple[grpc.aio.Server, str]:
 @pytest.fixture
 async def workers(prefill_engine: AsyncEngine, decode_engine: AsyncEngine) -> AsyncIterator[Workers]:
     # 64-token prefill steps: a ~200-token prompt streams as several chunks, so faults land mid-transfer.
-    prefill, prefill_address = await serve(add_transfer_servicer,
-                                           KvTransferServicer(prefill_engine, prefill_chunk_tokens=64))  # fmt: skip
+    transfer = KvTransferServicer(prefill_engine, prefill_chunk_tokens=64)
+    prefill, prefill_address = await serve(add_transfer_servicer, transfer)
     proxy = TamperingProxy(prefill_address)
     proxy_server, proxy_address = await serve(transfer_pb2_grpc.add_KvTransferServicer_to_server, proxy)
     decode = WorkerServicer(decode_engine, "decode-test", "decode", 200, transfer_timeout_s=60)
     decode_server, decode_address = await serve(worker_pb2_grpc.add_WorkerServicer_to_server, decode)
     proxy.evict = decode_engine
-    yield Workers(prefill_address, proxy, proxy_address, decode, decode_address)
+    yield Workers(prefill_address, transfer, proxy, proxy_address, decode, decode_address)
     for server in (decode_server, proxy_server, prefill):
         await server.stop(0)
 
@@ -209,4 +215,35 @@ async def test_blocks_evicted_during_the_pull_are_prefilled_locally(workers, eng
     workers.proxy.faults = ["evict"]
     assert await decode(workers, second_turn, "evict-2") == expected(engine, second_turn)
     assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0], before[1] + 1)
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_a_pull_spread_over_three_streams_gives_the_same_output(workers, engine, tokenizer, prefill_engine,
+                                                                       decode_engine):  # fmt: skip
+    prompt = prompt_ids(tokenizer, "orchard")
+    workers.decode.transfer_streams = 3
+    try:
+        assert await decode(workers, prompt, "streams-1") == expected(engine, prompt)
+    finally:
+        workers.decode.transfer_streams = 1
+    assert (workers.proxy.pulls, workers.proxy.calls) == (1, 3)
+    assert len(workers.prefill.streams) == 0  # no share left waiting for a stream
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_a_corrupted_chunk_on_another_stream_fails_the_whole_pull_and_it_is_retried(
+    workers, engine, tokenizer, prefill_engine, decode_engine
+):
+    prompt = prompt_ids(tokenizer, "granite")
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    workers.decode.transfer_streams = 2
+    workers.proxy.faults, workers.proxy.fault_stream, workers.proxy.fault_at = ["corrupt"], 1, 0
+    try:
+        tokens = await decode(workers, prompt, "streams-corrupt-1")
+    finally:
+        workers.decode.transfer_streams, workers.proxy.fault_stream, workers.proxy.fault_at = 1, 0, 1
+    assert tokens == expected(engine, prompt)
+    assert (workers.proxy.pulls, workers.proxy.calls) == (2, 4)  # the same prefill worker, asked again
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0] + 1, before[1])
+    assert len(workers.prefill.streams) == 0
     await assert_no_blocks_held(prefill_engine, decode_engine)

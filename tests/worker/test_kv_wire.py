@@ -59,15 +59,45 @@ def test_a_corrupted_chunk_is_refused():
         assembler.add(header, bytes([data[0] ^ 0xFF]) + bytes(data[1:]))
 
 
-def test_out_of_order_and_incomplete_transfers_are_refused():
+@pytest.mark.parametrize("expected_blocks", [0, BLOCKS], ids=["kept-then-copied", "placed-on-arrival"])
+def test_chunks_in_any_order_reassemble_bit_exactly(expected_blocks):
+    """A transfer spread over several streams interleaves its chunks; the last one may come first."""
     export = sample_export()
     chunks = finish(list(export_to_chunks(export, 0, 2, "t1", "r1")), export)
-    with pytest.raises(TransferError, match="out of order"):
-        ChunkAssembler(0).add(*chunks[1])
+    assembler = ChunkAssembler(0, expected_blocks)
+    for chunk in [chunks[-1], *chunks[2:-1], chunks[0], chunks[1]]:
+        assembler.add(*chunk)
+    kv = assembler.kv(export.token_ids)
+    assert torch.equal(kv.data.view(torch.uint8), export.data.view(torch.uint8))
+    assert kv.block_hashes == export.block_hashes
+
+
+def test_incomplete_or_overlapping_transfers_are_refused():
+    export = sample_export()
+    chunks = finish(list(export_to_chunks(export, 0, 2, "t1", "r1")), export)
+    gap = ChunkAssembler(0)
+    for chunk in [chunks[0], *chunks[2:]]:
+        gap.add(*chunk)
+    with pytest.raises(TransferError, match=r"blocks 2\.\.3 are missing"):
+        gap.kv(export.token_ids)
+    duplicate = ChunkAssembler(0)
+    duplicate.add(*chunks[1])
+    with pytest.raises(TransferError, match="not a new run"):
+        duplicate.add(*chunks[1])
+    with pytest.raises(TransferError, match="not a new run"):
+        ChunkAssembler(3).add(*chunks[1])  # blocks 2..3, before the transfer's first block
+    with pytest.raises(TransferError, match="beyond the 3 expected"):
+        ChunkAssembler(0, 3).add(*chunks[1])  # blocks 2..3
     partial = ChunkAssembler(0)
     partial.add(*chunks[0])
     with pytest.raises(TransferError, match="before its last chunk"):
         partial.kv(export.token_ids)
+    late = ChunkAssembler(0)
+    early_last = finish(list(export_to_chunks(export, 0, 2, "t1", "r1"))[:2], export)  # "last" at block 3
+    for chunk in [*early_last, *chunks[2:-1]]:
+        late.add(*chunk)
+    with pytest.raises(TransferError, match="came after the last chunk"):
+        late.check_complete()
 
 
 def test_the_wire_bytes_are_plain_protobuf_both_ways():

@@ -1,0 +1,80 @@
+"""The sending side of a KV transfer spread over several parallel streams.
+
+One Python gRPC stream moves a fraction of what a link can carry (its framing runs on one
+connection, one thread); several calls, each on its own connection, move more
+(``bench/kv_transfer.py --streams``). The receiver opens them all with the same
+``transfer_id``: stream 0 carries the request and is served as any pull; it deals chunk k to
+stream k mod ``streams`` and sends its own share itself. Streams 1.. carry nothing else and
+wait here for what they are dealt, ending when the transfer does. A stream that comes after its
+share was dealt finds it waiting; a share nobody comes for is dropped after ``UNCLAIMED_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.worker.kv_wire import WireChunk
+
+MAX_STREAMS = 16
+UNCLAIMED_S = 30.0
+
+
+@dataclass
+class _Share:
+    """One stream's chunks (None ends them) and whether its call has come for them."""
+
+    chunks: asyncio.Queue[WireChunk | None] = field(default_factory=asyncio.Queue)
+    claimed: bool = False
+
+
+class TransferStreams:
+    """Shares of striped transfers, keyed by (transfer id, stream index); event-loop only."""
+
+    def __init__(self) -> None:
+        self._shares: dict[tuple[str, int], _Share] = {}
+
+    def __len__(self) -> int:
+        return len(self._shares)
+
+    def _share(self, transfer_id: str, index: int) -> _Share:
+        return self._shares.setdefault((transfer_id, index), _Share())
+
+    async def deal(self, chunks: AsyncIterator[WireChunk], transfer_id: str, streams: int) -> AsyncIterator[WireChunk]:
+        """Stream 0's side: yields its own share of ``chunks`` and hands the others theirs."""
+        if streams <= 1:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+            return
+        shares = [self._share(transfer_id, index) for index in range(1, streams)]
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    index = chunk.header.chunk_index % streams
+                    if index:
+                        shares[index - 1].chunks.put_nowait(chunk)
+                    else:
+                        yield chunk
+        finally:
+            for share in shares:
+                share.chunks.put_nowait(None)
+            asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, streams)
+
+    async def follow(self, transfer_id: str, index: int) -> AsyncIterator[WireChunk]:
+        """Stream ``index``'s side (1..): the chunks dealt to it, until the transfer ends."""
+        share = self._share(transfer_id, index)
+        share.claimed = True
+        try:
+            while (chunk := await share.chunks.get()) is not None:
+                yield chunk
+        finally:
+            self._shares.pop((transfer_id, index), None)
+
+    def _drop_unclaimed(self, transfer_id: str, streams: int) -> None:
+        for index in range(1, streams):
+            share = self._shares.get((transfer_id, index))
+            if share is not None and not share.claimed:
+                del self._shares[(transfer_id, index)]
