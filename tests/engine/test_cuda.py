@@ -148,3 +148,29 @@ def test_cuda_bf16_throughput_and_pressure():
     assert all(len(o.new_token_ids) == 24 for o in res)
     st = small.stats()
     assert st.preemptions > 0 and st.blocks_used == 0
+
+
+@pytest.mark.parametrize(("host_mb", "disk_mb"), [(64, 0), (1.5, 64)], ids=["host", "host-spilling-to-disk"])
+def test_cuda_kv_tiers_bring_evicted_blocks_back_unchanged(tmp_path, host_mb, disk_mb):
+    """Blocks evicted from a 16-block GPU pool go to pinned host memory (and disk), come back
+    for the next turn instead of being recomputed, and the answer is the cold run's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    cfg = dict(model="random:smollm2-135m", device="cuda", dtype="float32", num_kv_blocks=16, seed=11,
+               max_num_seqs=4)
+    first = [(j * 7919 + 13) % 49152 for j in range(150)]
+    filler = [(j * 104729 + 5) % 49152 for j in range(240)]
+    tiered = Engine(EngineConfig(**cfg, host_cache_bytes=int(host_mb * (1 << 20)),
+                                 disk_cache_bytes=int(disk_mb * (1 << 20)), disk_cache_dir=str(tmp_path / "kv")))
+    answer = tiered.generate([first], greedy)[0].new_token_ids
+    tiered.generate([filler], greedy)
+    assert tiered.cached_prefix_blocks(first) == 0, "the filler should have pushed the first turn out of the pool"
+    second = first + answer + [(j * 31 + 2) % 49152 for j in range(20)]
+    out = tiered.generate([second], greedy)[0]
+    stats = tiered.stats()
+    assert out.num_cached_tokens >= 144
+    assert (stats.host_hit_blocks + stats.disk_hit_blocks) * 16 == out.num_cached_tokens
+    assert bool(stats.disk_hit_blocks) == bool(disk_mb)
+    cold = Engine(EngineConfig(**cfg)).generate([second], greedy)[0]
+    assert out.new_token_ids == cold.new_token_ids
+    tiered.close()
