@@ -223,6 +223,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         it has sent), at once: one engine call for all those in the engine, a cancelled pull for
         those still fetching their KV. Returns how many were live."""
         evicted = list(self.live)
+        if not evicted:
+            return 0
         self._evicted.update(evicted)
         for request_id in evicted:
             pull = self._pulls.get(request_id)
