@@ -245,7 +245,7 @@ def test_the_planner_follows_prompts_turning_long_then_answers_turning_long(mesh
     assert list(roles.values()).count("prefill") >= 2
 
     answers_start = time.time()
-    answers = Phase("long-answers", 16.0, 2.0, 300, 128)
+    answers = Phase("long-answers", 10.0, 2.0, 300, 64)  # answers 8× those of the long prompts
     results, _ = _send(mesh, [answers], seed=2)
     assert [r.error for r in results if r.error] == []
     decisions = asyncio.run(mesh.decisions())
