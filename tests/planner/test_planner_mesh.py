@@ -247,7 +247,8 @@ def test_the_planner_follows_prompts_turning_long_then_answers_turning_long(mesh
     assert list(roles.values()).count("prefill") >= 2
 
     answers_start = time.time()
-    answers = Phase("long-answers", 10.0, 2.0, 300, 64)  # answers 8× those of the long prompts
+    # Answers 8× those of the long prompts, short prompts prefilled on the decode workers themselves.
+    answers = Phase("long-answers", 10.0, 3.0, 128, 64)
     results, _ = _send(mesh, [answers], seed=2)
     assert [r.error for r in results if r.error] == []
     decisions = asyncio.run(mesh.decisions())
