@@ -236,6 +236,10 @@ class RouterSettings(ServiceSettings):
     migration_limit: int = dataclasses.field(
         default=3, metadata=_help("times a stream broken mid-way is resumed on another worker; 0 = never")
     )
+    worker_leave_grace_s: float = dataclasses.field(
+        default=120.0, metadata=_help("a worker that left etcd may stream this long before its streams are cut "
+                                      "and resumed elsewhere")
+    )  # fmt: skip
 
     kind = "router"
 
@@ -250,6 +254,8 @@ class RouterSettings(ServiceSettings):
         if not (0 <= self.host_tier_weight <= 1 and 0 <= self.disk_tier_weight <= 1):
             raise ValueError("host_tier_weight and disk_tier_weight must be in [0, 1] (a copy is not dearer than a "
                              "recompute)")
+        if self.worker_leave_grace_s <= 0:
+            raise ValueError("worker_leave_grace_s must be > 0")
         if self.api_key_rate_limit < 0 or self.api_key_burst < 0 or self.max_inflight_requests < 0:
             raise ValueError("api_key_rate_limit, api_key_burst and max_inflight_requests must be >= 0")
 

@@ -51,6 +51,18 @@ def mesh_channel(address: str, own_connection: bool = False) -> grpc.aio.Channel
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
+def cancelled_from_outside() -> bool:
+    """After an ``await`` raised CancelledError: True when this task was not the one cancelled.
+
+    A gRPC client call cancelled under its reader (its channel closed, ``call.cancel()`` from
+    elsewhere) and a sub-task someone else cancelled both raise CancelledError in the awaiting
+    task. Let it escape a gRPC handler and the handler ends without a status: its client's stream
+    never closes. Only a task cancelled itself (its caller went away) should let it propagate.
+    """
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
 def tls_from_settings(settings: ServiceSettings) -> tls.TlsConfig | None:
     if not settings.tls_cert:
         return None

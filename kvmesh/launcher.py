@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -210,12 +211,14 @@ class LocalStack:
         workers = max(self.options.workers + self.options.prefill + self.options.decode, 1)
         return {"KVMESH_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
-    def add_router(self, name: str, mode: str, grpc_port: int, http_port: int) -> str:
+    def add_router(self, name: str, mode: str, grpc_port: int, http_port: int, args: Sequence[str] = ()) -> str:
+        """A router; ``args`` are more of its flags."""
         instance_id = f"{name}-{self.options.namespace}"
         # Keys go by environment, not argv, so `ps` does not show them.
         env = {"KVMESH_API_KEYS": ",".join(self.options.api_keys)} if self.options.api_keys else None
         self.spawn(name, instance_id, "router.server",
-                   ["--port", str(grpc_port), "--http-port", str(http_port), "--router-mode", mode], env)  # fmt: skip
+                   ["--port", str(grpc_port), "--http-port", str(http_port), "--router-mode", mode, *args],
+                   env)  # fmt: skip
         return instance_id
 
     def start_services(self) -> None:

@@ -9,11 +9,13 @@ frequency penalties then see the sent tokens as prompt.)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 
+from kvmesh.grpc_service import cancelled_from_outside
 from kvmesh_proto.v1 import worker_pb2
 from router.worker_pool import WorkerState
 
@@ -21,6 +23,23 @@ from router.worker_pool import WorkerState
 MIGRATABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
                         grpc.StatusCode.RESOURCE_EXHAUSTED})  # fmt: skip
+
+
+async def read(call: grpc.aio.UnaryStreamCall) -> worker_pb2.WorkerGenerateResponse | object:
+    """``call.read()``, where a call cancelled under the reader fails like a worker gone away.
+
+    The worker pool closes the channel of a worker that left etcd once its streams end or a grace
+    passes (``--worker-leave-grace-s``); past it gRPC cancels the calls still open, and a read raises
+    CancelledError. Read as UNAVAILABLE, that stream is resumed (or, before its first token,
+    retried) on another worker; as CancelledError it would end the router's own handler without a
+    status, and the client's stream would hang."""
+    try:
+        return await call.read()
+    except asyncio.CancelledError:
+        if not cancelled_from_outside():
+            raise  # the router's request itself was cancelled (its client left)
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   "the worker's stream was cut: it left the mesh") from None  # fmt: skip
 
 
 @dataclass

@@ -25,7 +25,7 @@ from router.admission import InflightLimit, InflightSlot
 from router.auth import FrontDoorAuth
 from router.errors import RouterError, exhausted, invalid
 from router.kv_index import KvIndexClient
-from router.migration import MIGRATABLE, Attempt, Resume, continuation_request
+from router.migration import MIGRATABLE, Attempt, Resume, continuation_request, read
 from router.request_limits import check_input_limits, check_max_tokens
 from router.request_trace import RecentRequests, RouterRequestTrace
 from router.scoring import (
@@ -156,7 +156,7 @@ class Generation:
                 yield first
                 continue
             try:
-                response = await self._call.read()
+                response = await read(self._call)
                 failure = "ended the stream early" if response is grpc.aio.EOF else ""
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in MIGRATABLE:
@@ -398,7 +398,7 @@ class RouterCore:
             worker.inflight[request_id] = len(hashes) + 1
             call = self._call(worker, route, worker_request, timeout_s, trace.call_metadata())
             try:
-                first = await call.read()
+                first = await read(call)
             except grpc.aio.AioRpcError as exc:
                 worker.inflight.pop(request_id, None)
                 if exc.code() not in _RETRIABLE:

@@ -35,7 +35,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 async def serve(settings: RouterSettings) -> None:
     process = ServiceProcess(settings, [SERVICE_NAME])
-    pool = WorkerPool(process.discovery)
+    pool = WorkerPool(process.discovery, leave_grace_s=settings.worker_leave_grace_s)
     kv_index = KvIndexClient(process.discovery, settings.kvstore_timeout_ms, follow=settings.kv_index == "follow")
     core = RouterCore(settings, pool, kv_index)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), process.server)

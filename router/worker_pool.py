@@ -23,9 +23,6 @@ from kvmesh_proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 _STATS_RETRY_S = 1.0
-# A worker that leaves by draining still streams its in-flight requests: its channel closes once
-# they end (or after this long), never under them.
-_LEAVE_GRACE_S = 120.0
 
 
 @dataclass
@@ -74,8 +71,12 @@ class WorkerState:
 
 
 class WorkerPool:
-    def __init__(self, discovery: Discovery, stats_interval_ms: int = 200) -> None:
+    def __init__(self, discovery: Discovery, stats_interval_ms: int = 200, leave_grace_s: float = 120.0) -> None:
+        """A worker that leaves (a drain, a lost lease) may still stream requests: its channel
+        closes once they end or ``leave_grace_s`` passes; the router resumes those cut then
+        elsewhere (``router/migration.py``)."""
         self.discovery = discovery
+        self.leave_grace_s = leave_grace_s
         self._membership = Membership(discovery, "worker")
         self._membership.on_change(self._on_change)
         self._stats_interval_ms = stats_interval_ms
@@ -88,7 +89,7 @@ class WorkerPool:
     async def stop(self) -> None:
         await self._membership.stop()
         for worker_id in list(self.workers):
-            await self._drop(worker_id, grace_s=None)
+            await self._drop(worker_id, at_once=True)
         for task in list(self._closing):
             task.cancel()
 
@@ -109,7 +110,9 @@ class WorkerPool:
         self.workers[worker_id] = state
         log.info("worker %s joined at %s (%s, %s)", worker_id, event.info.address, event.info.role, event.info.model)
 
-    async def _drop(self, worker_id: str, grace_s: float | None = _LEAVE_GRACE_S) -> None:
+    async def _drop(self, worker_id: str, at_once: bool = False) -> None:
+        """Forget a worker; its channel closes when its streams end or the leave grace passes
+        (``at_once``: now, the pool is stopping)."""
         state = self.workers.pop(worker_id, None)
         if state is None:
             return
@@ -117,10 +120,10 @@ class WorkerPool:
             state.stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await state.stats_task
-        if grace_s is None or not state.inflight:
+        if at_once or not state.inflight:
             await state.channel.close()
             return
-        task = asyncio.create_task(state.channel.close(grace_s), name=f"close:{worker_id}")
+        task = asyncio.create_task(state.channel.close(self.leave_grace_s), name=f"close:{worker_id}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

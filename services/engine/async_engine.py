@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -179,15 +179,18 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> bool:
         return await self.run(lambda e: e.abort(request_id))
 
-    async def evict(self, request_id: str, reason: str) -> bool:
-        """Abort a request and end its stream with ``RequestEvicted(reason)`` (a plain abort
-        leaves the stream waiting); False if it was not running."""
+    async def evict(self, request_ids: Collection[str], reason: str) -> int:
+        """Abort requests and end their streams with ``RequestEvicted(reason)`` (a plain abort
+        leaves a stream waiting), all in one call between two steps: a drain evicting many
+        requests waits for one step boundary, not one per request. Returns how many were running."""
 
-        def evict_now(engine: Engine) -> bool:
-            aborted = engine.abort(request_id)
-            self._step_hooks.pop(request_id, None)
-            self._deliver(request_id, RequestEvicted(reason))
-            return aborted
+        def evict_now(engine: Engine) -> int:
+            running = 0
+            for request_id in request_ids:
+                running += engine.abort(request_id)
+                self._step_hooks.pop(request_id, None)
+                self._deliver(request_id, RequestEvicted(reason))
+            return running
 
         return await self.run(evict_now)
 

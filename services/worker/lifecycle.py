@@ -60,13 +60,10 @@ class WorkerLifecycle:
         deadline = started + timeout_s
         while self._servicer.live and time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)
-        remaining = list(self._servicer.live)
-        for request_id in remaining:
-            await self._servicer.engine.evict(request_id, f"worker {self._servicer.worker_id} is draining; "
-                                                          "resume elsewhere")  # fmt: skip
+        evicted = await self._servicer.evict()  # all at once: one engine step boundary
         while self._servicer.live and time.monotonic() < deadline + 1.0:
             await asyncio.sleep(_POLL_S)  # the evicted streams close
-        result = DrainResult(in_flight - len(remaining), len(remaining), time.monotonic() - started)
+        result = DrainResult(in_flight - evicted, evicted, time.monotonic() - started)
         log.info("drained in %.2fs: %d requests finished, %d evicted", result.seconds, result.finished,
                  result.evicted)  # fmt: skip
         return result

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from kvmesh.config import WORKER_ROLES
+from kvmesh.grpc_service import cancelled_from_outside
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import AsyncEngine, RequestEvicted
 from services.engine.llm_engine import NoFreeBlocksError
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
-from services.worker.disagg import TransferStats, pull_with_retries
+from services.worker.disagg import PulledPrefill, TransferStats, pull_with_retries
 from services.worker.errors import engine_errors_as_status
 from services.worker.metrics import observe_stats
 from services.worker.peer_fetch import PeerFetcher
@@ -53,6 +54,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.model_id = engine.engine.model_id
         self.stats_interval_ms = stats_interval_ms
         self.live: set[str] = set()
+        # Live requests still pulling their prompt's KV from a prefill worker (not in the engine
+        # yet): an eviction cancels the pull.
+        self._pulls: dict[str, asyncio.Task] = {}
+        # Live requests evicted between two stages (e.g. while a peer fetch ran): ended when the
+        # next stage would start.
+        self._evicted: set[str] = set()
         # False while the worker drains (see lifecycle.py): new requests get UNAVAILABLE, so the
         # router sends them elsewhere.
         self.accepting = True
@@ -117,12 +124,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             trace.finish()
             self.live.discard(request.request_id)
+            self._evicted.discard(request.request_id)
             self._changed.set()
 
     async def _local_outputs(
         self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, started: float,
         token_ids: list[int] | None = None, **kv: object,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        self._check_evicted(request.request_id)
         tokens = list(request.token_ids) if token_ids is None else token_ids
         outputs = self.engine.generate(request.request_id, tokens, sampling, **kv)
         async with contextlib.aclosing(outputs):
@@ -142,9 +151,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         tokens = list(request.token_ids)
         skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
         with trace.kv_transfer() as span:
-            pulled = await pull_with_retries(prefill_addresses, request, skip, self.transfer_timeout_s,
-                                             self.transfers, self.transfer_streams,
-                                             self.engine.engine.config.block_size)  # fmt: skip
+            pulled = await self._pull(request, skip, prefill_addresses)
             if pulled is not None:
                 trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.blocks_received,
                                   pulled.seconds, pulled.transfer_seconds)  # fmt: skip
@@ -187,6 +194,46 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
         async for response in self._local_outputs(request, rest, started, token_ids=[*tokens, first.token_id]):
             yield response
+
+    async def _pull(self, request: worker_pb2.WorkerGenerateRequest, skip: int,
+                    prefill_addresses: list[str]) -> PulledPrefill | None:  # fmt: skip
+        """``pull_with_retries`` as a task ``evict`` can cancel, which ends the request with RequestEvicted."""
+        self._check_evicted(request.request_id)
+        pull = asyncio.ensure_future(pull_with_retries(prefill_addresses, request, skip, self.transfer_timeout_s,
+                                                       self.transfers, self.transfer_streams,
+                                                       self.engine.engine.config.block_size))  # fmt: skip
+        self._pulls[request.request_id] = pull
+        try:
+            return await pull
+        except asyncio.CancelledError:
+            if not cancelled_from_outside():
+                raise  # the call itself was cancelled (the router went away)
+            raise RequestEvicted(self.eviction_reason) from None
+        finally:
+            self._pulls.pop(request.request_id, None)
+
+    @property
+    def eviction_reason(self) -> str:
+        return f"worker {self.worker_id} is draining; resume elsewhere"
+
+    def _check_evicted(self, request_id: str) -> None:
+        if request_id in self._evicted:
+            raise RequestEvicted(self.eviction_reason)
+
+    async def evict(self) -> int:
+        """End every live request with UNAVAILABLE (the router resumes it elsewhere from the tokens
+        it has sent), at once: one engine call for all those in the engine, a cancelled pull for
+        those still fetching their KV. Returns how many were live."""
+        evicted = list(self.live)
+        if not evicted:
+            return 0
+        self._evicted.update(evicted)
+        for request_id in evicted:
+            pull = self._pulls.get(request_id)
+            if pull is not None:
+                pull.cancel()
+        await self.engine.evict(evicted, self.eviction_reason)
+        return len(evicted)
 
     async def Cancel(
         self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext

@@ -6,6 +6,7 @@ agree, and the services are those `kvmesh up --prefill 1 --decode 1` starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ import services.worker.metrics
 from kvmesh.cli import SERVICES
 from kvmesh.config import (
     KvStoreSettings,
+    PlannerSettings,
     RouterSettings,
     ServiceSettings,
     WorkerSettings,
@@ -27,9 +29,13 @@ from kvmesh.config import (
     settings_from_namespace,
 )
 from kvmesh.launcher import LocalStack, StackOptions
+from planner.connectors.kubernetes import KubernetesConnector
+from planner.policy import Decision
+from tests.planner.test_kubernetes import FakeApiServer, serving
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-SETTINGS = {"kvstore": KvStoreSettings, "router": RouterSettings, "worker": WorkerSettings}
+SETTINGS = {"kvstore": KvStoreSettings, "router": RouterSettings, "worker": WorkerSettings,
+            "planner": PlannerSettings}  # fmt: skip
 METRIC_MODULES = (router.metrics, services.worker.metrics, kvstore.metrics)  # registered on import
 
 
@@ -51,11 +57,12 @@ def shape(settings: ServiceSettings) -> tuple[str, str]:
     return settings.kind, getattr(settings, "role", "")
 
 
-def kvmesh_up_services() -> list[ServiceSettings]:
-    """What `kvmesh up --prefill 1 --decode 1` starts, recorded instead of spawned."""
+def kvmesh_up_services(planner: bool = False) -> list[ServiceSettings]:
+    """What `kvmesh up --prefill 1 --decode 1 [--planner]` starts, recorded instead of spawned."""
     modules = {module: name for name, module in SERVICES.items()}
     started: list[ServiceSettings] = []
-    stack = LocalStack(StackOptions(prefill=1, decode=1, etcd_endpoint="etcd:2379", redis_url="redis://redis:6379/0"))
+    stack = LocalStack(StackOptions(prefill=1, decode=1, etcd_endpoint="etcd:2379", redis_url="redis://redis:6379/0",
+                                    planner=planner))  # fmt: skip
 
     def record(name: str, instance_id: str, module: str, args: list[str], env: dict | None = None) -> None:
         started.append(parse_command([modules[module], "--instance-id", instance_id, *args], {}))
@@ -185,5 +192,60 @@ def test_k8s_deployments_run_the_services_kvmesh_up_starts_with_grpc_probes(k8s)
             assert settings.http_port in ports
             router_ports = {p["targetPort"] for p in services["router"]["spec"]["ports"]}
             assert router_ports == {settings.http_port, settings.port}
-    # Separate Deployments for prefill and decode, and nothing kvmesh up would not start.
-    assert sorted(ours) == sorted(shape(s) for s in kvmesh_up_services())
+    # Separate Deployments for prefill and decode, the planner, and nothing kvmesh up would not start.
+    assert sorted(ours) == sorted(shape(s) for s in kvmesh_up_services(planner=True))
+
+
+def k8s_planner(k8s: list[dict]) -> tuple[dict, PlannerSettings]:
+    """The planner's Deployment and its command as `kvmesh planner` parses it."""
+    config_maps = {d["metadata"]["name"]: d["data"] for d in k8s if d["kind"] == "ConfigMap"}
+    (deployment,) = [d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "planner"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    settings = parse_command(container["args"], container_env(container, config_maps))
+    assert isinstance(settings, PlannerSettings)
+    return deployment, settings
+
+
+def test_k8s_planner_scales_the_prefill_and_decode_deployments(k8s):
+    _, settings = k8s_planner(k8s)
+    assert settings.connector == "kubernetes" and not settings.dry_run
+    roles = {}
+    for deployment in (d for d in k8s if d["kind"] == "Deployment"):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        args = container.get("args", [])
+        if args[:1] == ["worker"]:
+            roles[deployment["metadata"]["name"]] = args[args.index("--role") + 1]
+    assert roles[settings.prefill_deployment] == "prefill" and roles[settings.decode_deployment] == "decode"
+
+
+def _allowed(k8s: list[dict], service_account: str) -> set[tuple[str, str, str, str]]:
+    """(verb, api group, resource, name) the Roles bound to ``service_account`` grant."""
+    bound = {b["roleRef"]["name"] for b in k8s if b["kind"] == "RoleBinding"
+             if {"kind": "ServiceAccount", "name": service_account} in b["subjects"]}  # fmt: skip
+    return {(verb, group, resource, name)
+            for role in k8s if role["kind"] == "Role" and role["metadata"]["name"] in bound
+            for rule in role["rules"] for verb in rule["verbs"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for name in rule["resourceNames"]}  # fmt: skip
+
+
+async def test_k8s_planner_rbac_covers_every_request_the_connector_makes(k8s, tmp_path):
+    """The connector, configured as the manifest's planner is, against a fake API server: each
+    request it makes for a switch, an add and a remove is one the planner's ServiceAccount may make."""
+    deployment, settings = k8s_planner(k8s)
+    service_account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    assert any(d["kind"] == "ServiceAccount" and d["metadata"]["name"] == service_account for d in k8s)
+    allowed = _allowed(k8s, service_account)
+    with serving(FakeApiServer()) as api:
+        connector = KubernetesConnector(dataclasses.replace(
+            settings, k8s_api_url=f"http://127.0.0.1:{api.server_port}", k8s_namespace="kv",
+            k8s_token_file=str(tmp_path / "token"), k8s_ca_file=""))  # fmt: skip
+        for decision in (Decision("switch", "prefill", "", ("d-0",)), Decision("switch", "decode", "", ("p-0",)),
+                         Decision("add", "decode", ""), Decision("remove", "prefill", "", ("p-1",))):  # fmt: skip
+            await connector.apply(decision)
+    made = set()
+    for method, path, *_ in api.requests:
+        match = re.fullmatch(r"/apis/(\w+)/v1/namespaces/kv/deployments/([\w-]+)/scale", path)
+        assert match, path
+        made.add(({"GET": "get", "PATCH": "patch"}[method], match[1], "deployments/scale", match[2]))
+    assert made and made <= allowed, made - allowed
+    assert {name for *_, name in made} == {settings.prefill_deployment, settings.decode_deployment}

@@ -3,6 +3,7 @@ runs here): a switch scales one Deployment up, then the other down, through ``/s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -60,9 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
 
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    server = FakeApiServer()
+@contextlib.contextmanager
+def serving(server: FakeApiServer) -> Iterator[FakeApiServer]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -70,6 +70,12 @@ def api() -> Iterator[FakeApiServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    with serving(FakeApiServer()) as server:
+        yield server
 
 
 @pytest.fixture
