@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.replay import load_trace, run_replay
-from services.engine.timing_model import DEFAULT_PROFILE
+from kvmesh.config import RouterSettings
+from services.engine.timing_model import DEFAULT_PROFILE, TimingProfile
 
 TARGET_WORKERS = 16
 
@@ -30,11 +31,16 @@ def run_matrix(args: argparse.Namespace) -> list[dict]:
     # purge a live worker's blocks (or the router lose the kvstore), which would be measured as
     # a routing failure. Every child inherits this (flags and KVMESH_* variables may override).
     os.environ.setdefault("KVMESH_LEASE_TTL_S", "20")
+    profile = slowed_profile(args.profile, args.slowdown, args.out)
     # The kv router models step times with the profile the mock workers sleep by.
-    os.environ.setdefault("KVMESH_COST_PROFILE", args.profile)
+    os.environ.setdefault("KVMESH_COST_PROFILE", profile)
     os.environ.update(args.router_env)
+    args.router_settings = router_env()
+    if args.slowdown != 1:  # the slack is in the profile's time too
+        slack_ms = float(os.environ.get("KVMESH_TTFT_SLACK_MS", RouterSettings.ttft_slack_ms))
+        os.environ["KVMESH_TTFT_SLACK_MS"] = str(slack_ms * args.slowdown)
     trace = load_trace(args.trace, args.limit)
-    env = {"KVMESH_MOCK_PROFILE": args.profile, "KVMESH_LOG_LEVEL": "WARNING",
+    env = {"KVMESH_MOCK_PROFILE": profile, "KVMESH_LOG_LEVEL": "WARNING",
            **dict(item.split("=", 1) for item in args.worker_env)}  # fmt: skip
     if args.kv_cache_blocks:
         env["KVMESH_KV_CACHE_BLOCKS"] = str(args.kv_cache_blocks)
@@ -47,13 +53,39 @@ def run_matrix(args: argparse.Namespace) -> list[dict]:
             seed = args.seed
             for speedup in args.speedup:
                 for mode in args.modes:
-                    result = run_replay(stack.grpc[mode], trace, speedup, args.max_tokens,
+                    result = run_replay(stack.grpc[mode], trace, speedup / args.slowdown, args.max_tokens,
                                         stack.stack.etcd_endpoint, stack.namespace, seed=seed)  # fmt: skip
                     seed += 1
+                    in_profile_time(result, args.slowdown)
                     row = {"workers": workers, "speedup": speedup, "mode": mode, **result}
                     rows.append(row)
                     print(summary_line(row), flush=True)
     return rows
+
+
+def slowed_profile(profile: str, slowdown: float, out: Path) -> str:
+    """``profile`` with every step ``slowdown`` times longer (a JSON written under ``out``), or
+    ``profile`` itself at 1."""
+    if slowdown == 1:
+        return profile
+    slowed = TimingProfile.load(profile)
+    slowed.coefficients = {k: v * slowdown for k, v in slowed.coefficients.items()}
+    slowed.description = f"{slowed.name} ×{slowdown:g} slower (kvmesh bench routing --slowdown). {slowed.description}"
+    path = out / f"{slowed.name}-x{slowdown:g}.json"
+    slowed.save(path)
+    return str(path.resolve())
+
+
+def in_profile_time(result: dict, slowdown: float) -> None:
+    """Latencies of a slowed run divided back to the profile's own time (hit rates and busy
+    ratios need nothing: every modelled duration and every trace gap was stretched alike)."""
+    if slowdown == 1:
+        return
+    summary = result["summary"]
+    for name in ("ttft_ms", "e2e_ms"):
+        summary[name] = {k: v / slowdown for k, v in summary[name].items()}
+        for request in result["requests"]:
+            request[name] /= slowdown
 
 
 def summary_line(row: dict) -> str:
@@ -123,8 +155,10 @@ def markdown(rows: list[dict], args: argparse.Namespace, figures: list[str]) -> 
         "# Routing report", "",
         f"Trace `{args.trace}` ({rows[0]['summary']['requests']} requests) at speed-up "
         f"{', '.join(f'{x:g}' for x in args.speedup)}, mock workers with timing profile `{args.profile}`"
-        + (f", {args.kv_cache_blocks} KV blocks each" if args.kv_cache_blocks else "") + ". Router settings: "
-        + (", ".join(f"`{k}={v}`" for k, v in sorted(router_env().items())) or "defaults") + ".", "",
+        + (f", {args.kv_cache_blocks} KV blocks each" if args.kv_cache_blocks else "")
+        + (f"; run {args.slowdown:g}× slowed down (profile steps ×{args.slowdown:g}, trace ÷{args.slowdown:g} "
+           "further), latencies given back in the profile's time" if args.slowdown != 1 else "") + ". Router settings: "
+        + (", ".join(f"`{k}={v}`" for k, v in sorted(args.router_settings.items())) or "defaults") + ".", "",
         f"Oracle hit rate (one worker, infinite cache): **{rows[0]['summary']['oracle_hit_rate']:.1%}**", "",
         "| workers | speed-up | mode | requests | errors | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | hit rate "
         "| hit / oracle | busy max/mean |",
@@ -193,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default="kv,round_robin,random", help="comma-separated router modes")
     parser.add_argument("--speedup", default="1", help="trace time is divided by this; comma-separated for a "
                         "sweep on the same workers")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="run the simulation this many times slower (profile steps ×K, trace time ×K) and report "
+                             "latencies in the profile's time: the same load with K× less CPU per second for the "
+                             "router and the mock workers")
     parser.add_argument("--limit", type=int, default=0, help="replay only the first N requests")
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="cap on each request's output length")
     parser.add_argument("--profile", default=DEFAULT_PROFILE, help="mock timing profile (name or path)")
@@ -215,8 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         print("--workers and --speedup must be comma-separated numbers", file=sys.stderr)
         return 2
-    if min(args.speedup) <= 0:
-        print("--speedup must be positive", file=sys.stderr)
+    if min(args.speedup) <= 0 or args.slowdown <= 0:
+        print("--speedup and --slowdown must be positive", file=sys.stderr)
         return 2
     args.modes = args.modes.split(",")
     if any("=" not in item for item in args.worker_env + args.router_env):

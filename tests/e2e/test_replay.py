@@ -48,8 +48,8 @@ def test_replay_of_the_shipped_trace_on_four_mock_workers(etcd_server: StoreProc
     assert 0 < summary["cache_hit_rate"] <= summary["oracle_hit_rate"]
     assert len(summary["per_worker"]) == 4 and all(w["busy_ms"] > 0 for w in summary["per_worker"].values())
 
-    args = argparse.Namespace(trace=TRACE, speedup=[50], profile="h100-llama3-8b", kv_cache_blocks=0,
-                              out=tmp_path / "report")  # fmt: skip
+    args = argparse.Namespace(trace=TRACE, speedup=[50], slowdown=1.0, router_settings={}, profile="h100-llama3-8b",
+                              kv_cache_blocks=0, out=tmp_path / "report")  # fmt: skip
     report = write_report([{"workers": 4, "speedup": 50, "mode": "kv", **result}], args)
     for name in ("report.md", "routing.json", "ttft_cdf.png", "hit_rate.png", "balance.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
