@@ -200,13 +200,16 @@ class RouterSettings(ServiceSettings):
     router_temperature: float = dataclasses.field(
         default=0.0, metadata=_help("kv-cost blocks: softmax temperature over costs; 0 = always the cheapest")
     )
-    # router/scoring.py says what each cost is; ttft was chosen by `kvmesh bench routing` (see
-    # bench/reports/routing-ttft/report.md): blocks cannot keep conversations and balance at once.
+    # router/scoring.py says what each cost is. ttft and its slack were chosen with `kvmesh bench
+    # routing` (16 mock workers, h100-llama3-8b-measured, bench/reports/routing-ttft/README.md): at
+    # speed-up 4, slack 50 ms left 5-block system prompts pinned to their first worker (long trace busy
+    # max/mean 1.36), 100 ms gave 1.08 (long) and 1.18 (short) at 96% / 93% of the oracle's hit rate,
+    # 200 ms 1.13 at 99%; the blocks cost could not keep conversations and balance at once.
     kv_cost: str = dataclasses.field(
         default="ttft", metadata=_help("kv mode's cost: ttft (modelled time to first token, then the least loaded "
                                        "within --ttft-slack-ms) or blocks (weighted blocks to prefill + decode load)"))
     ttft_slack_ms: float = dataclasses.field(
-        default=50.0, metadata=_help("kv-cost ttft: workers this close to the earliest first token are "
+        default=100.0, metadata=_help("kv-cost ttft: workers this close to the earliest first token are "
                                                   "equally good; the least loaded of them wins"))
     cost_profile: str = dataclasses.field(
         default="cpu-smollm2", metadata=_help("kv-cost ttft: timing profile the step times are modelled with (a "

@@ -171,15 +171,17 @@ def choose_first_token(
     tier_weights: TierWeights = FREE_COPIES,
 ) -> Decision:
     """The ttft choice: the least decode load among the workers within ``slack_s`` of the
-    earliest modelled first token (ties at random)."""
+    earliest modelled first token; of equally loaded ones (idle workers, typically) the earliest
+    first token, then any at random."""
     if not candidates:
         raise ValueError("no candidate workers")
     rng = rng or random.Random()
     prompt_blocks = prompt_tokens // block_size
     costs = [first_token_s(c, prompt_tokens, block_size, times, tier_weights) for c in candidates]
-    near = [i for i, cost in enumerate(costs) if cost <= min(costs) + slack_s]
-    lightest = min(decode_load(candidates[i], prompt_blocks) for i in near)
-    index = rng.choice([i for i in near if decode_load(candidates[i], prompt_blocks) == lightest])
+    keys = {i: (decode_load(candidates[i], prompt_blocks), costs[i]) for i, cost in enumerate(costs)
+            if cost <= min(costs) + slack_s}  # fmt: skip
+    best = min(keys.values())
+    index = rng.choice([i for i, key in keys.items() if key == best])
     others = sorted(cost for i, cost in enumerate(costs) if i != index)
     chosen = candidates[index]
     return Decision(chosen.worker_id, costs[index], chosen.prefix_overlap, others[0] if others else None,

@@ -138,3 +138,13 @@ def test_kv_cost_follows_the_settings():
         RouterSettings(kv_cost="seconds")
     with pytest.raises(ValueError):
         KvCost.from_settings(RouterSettings(cost_profile="no-such-profile"))
+
+
+def test_equally_loaded_near_workers_go_to_the_earliest_first_token():
+    # Both idle and both within the slack: the one holding more of the prompt keeps it.
+    holder = Candidate("holder", prefix_overlap=2, active_blocks=0)
+    rng = random.Random(0)
+    others = [Candidate(f"idle-{i}", prefix_overlap=0, active_blocks=0) for i in range(4)]
+    assert {choose_first_token([*others, holder], 100, 16, TIMES, 0.05, rng).worker_id for _ in range(20)} == {
+        "holder"}
+    assert len({choose_first_token(others, 100, 16, TIMES, 0.05, rng).worker_id for _ in range(50)}) > 1
