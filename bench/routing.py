@@ -35,7 +35,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict]:
     # The kv router models step times with the profile the mock workers sleep by.
     os.environ.setdefault("KVMESH_COST_PROFILE", profile)
     os.environ.update(args.router_env)
-    args.router_settings = router_env()
+    args.router_settings = {**router_env(), **args.router_env}
     if args.slowdown != 1:  # the slack is in the profile's time too
         slack_ms = float(os.environ.get("KVMESH_TTFT_SLACK_MS", RouterSettings.ttft_slack_ms))
         os.environ["KVMESH_TTFT_SLACK_MS"] = str(slack_ms * args.slowdown)
