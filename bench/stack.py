@@ -23,11 +23,11 @@ class BenchStack:
                  ready_timeout_s: float = 300.0, fleet_size: int = 1) -> None:  # fmt: skip
         """``fleet_size`` > 1 (mock engine only) runs the workers that many to a process."""
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
-        self.fleet_size = fleet_size if engine == "mock" else 1
         self.stack = LocalStack(StackOptions(workers=workers, prefill=prefill, decode=decode, engine=engine,
                                              namespace=self.namespace, grpc_port=free_port(), http_port=free_port(),
                                              router_mode=modes[0], worker_env=worker_env or {},
-                                             ready_timeout_s=ready_timeout_s, state_dir=state_dir
+                                             ready_timeout_s=ready_timeout_s, mock_fleet_size=fleet_size,
+                                             state_dir=state_dir
                                              or Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))))  # fmt: skip
         self.modes = modes
         self.http: dict[str, str] = {}
@@ -37,12 +37,7 @@ class BenchStack:
     def __enter__(self) -> BenchStack:
         stack = self.stack
         stack.start_stores()
-        if self.fleet_size > 1:
-            stack.start_kvstore()
-            self._start_fleets()
-            stack.add_router("router", self.modes[0], stack.options.grpc_port, stack.options.http_port)
-        else:
-            stack.start_services()
+        stack.start_services()
         self.http[self.modes[0]] = f"http://127.0.0.1:{stack.options.http_port}"
         self.grpc[self.modes[0]] = f"127.0.0.1:{stack.options.grpc_port}"
         for mode in self.modes[1:]:
@@ -54,10 +49,6 @@ class BenchStack:
             stack.wait_router_workers(url, self.workers)
         return self
 
-    def _start_fleets(self) -> None:
-        workers = self.stack.options.workers
-        for first in range(0, workers, self.fleet_size):
-            self.stack.add_mock_fleet(first, min(self.fleet_size, workers - first))
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()

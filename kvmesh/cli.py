@@ -39,6 +39,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--decode", type=int, default=0, help="decode workers (disaggregated mode)")
     up.add_argument("--model", default="", help="model spec; default SmolLM2-135M-Instruct (offline GGUF)")
     up.add_argument("--engine", choices=ENGINES, default="real")
+    up.add_argument("--mock-fleet-size", type=int, default=8,
+                    help="--engine mock: workers per process (each is still its own gRPC server and registration)")
     up.add_argument("--router-mode", choices=ROUTER_MODES, default="kv")
     up.add_argument("--kv-cache-blocks", type=int, default=0, help="device KV pool blocks per worker (G1); 0 = default")
     up.add_argument("--host-cache-gb", type=float, default=None, help="host-memory KV tier per worker (G2); 0 = off")
@@ -111,7 +113,7 @@ def _up(args: argparse.Namespace) -> int:
             redis_url=args.redis_url, state_dir=args.state_dir, ready_timeout_s=args.ready_timeout,
             api_keys=args.api_keys, tls=args.tls, kv_cache_blocks=args.kv_cache_blocks,
             host_cache_gb=args.host_cache_gb, disk_cache_gb=args.disk_cache_gb, disk_cache_dir=args.disk_cache_dir,
-            planner=args.planner, planner_args=_planner_args(args),
+            planner=args.planner, planner_args=_planner_args(args), mock_fleet_size=args.mock_fleet_size,
         )  # fmt: skip
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 WORKER_ROLES = ("aggregated", "prefill", "decode")
 ROUTER_MODES = ("kv", "round_robin", "random")
+KV_COSTS = ("ttft", "blocks")
 ENGINES = ("real", "mock")
 TRACE_EXPORTERS = ("off", "console", "otlp")
 
@@ -201,8 +202,22 @@ class RouterSettings(ServiceSettings):
     disk_tier_weight: float = dataclasses.field(
         default=0.012, metadata=_help("cost of promoting a block from a worker's disk, in block prefills"))
     router_temperature: float = dataclasses.field(
-        default=0.0, metadata=_help("softmax temperature over costs; 0 = always the cheapest")
+        default=0.0, metadata=_help("kv-cost blocks: softmax temperature over costs; 0 = always the cheapest")
     )
+    # router/scoring.py says what each cost is. ttft and its slack were chosen with `kvmesh bench
+    # routing` (16 mock workers, h100-llama3-8b-measured, bench/reports/routing-ttft/README.md): at
+    # speed-up 4, slack 50 ms left 5-block system prompts pinned to their first worker (long trace busy
+    # max/mean 1.36), 100 ms gave 1.08 (long) and 1.18 (short) at 96% / 93% of the oracle's hit rate,
+    # 200 ms 1.13 at 99%; the blocks cost could not keep conversations and balance at once.
+    kv_cost: str = dataclasses.field(
+        default="ttft", metadata=_help("kv mode's cost: ttft (modelled time to first token, then the least loaded "
+                                       "within --ttft-slack-ms) or blocks (weighted blocks to prefill + decode load)"))
+    ttft_slack_ms: float = dataclasses.field(
+        default=100.0, metadata=_help("kv-cost ttft: workers this close to the earliest first token are "
+                                                  "equally good; the least loaded of them wins"))
+    cost_profile: str = dataclasses.field(
+        default="cpu-smollm2", metadata=_help("kv-cost ttft: timing profile the step times are modelled with (a "
+                                              "shipped name or a JSON path, as the mock engine's --mock-profile)"))
     kvstore_timeout_ms: int = dataclasses.field(
         default=200, metadata=_help("FindMatches deadline; past it the request is routed on load alone")
     )
@@ -249,8 +264,10 @@ class RouterSettings(ServiceSettings):
             raise ValueError(f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {self.router_mode!r}")
         if self.kv_index not in ("follow", "query"):
             raise ValueError(f"kv_index must be follow or query, got {self.kv_index!r}")
-        if self.overlap_weight < 0 or self.router_temperature < 0:
-            raise ValueError("overlap_weight and router_temperature must be >= 0")
+        if self.overlap_weight < 0 or self.router_temperature < 0 or self.ttft_slack_ms < 0:
+            raise ValueError("overlap_weight, router_temperature and ttft_slack_ms must be >= 0")
+        if self.kv_cost not in KV_COSTS:
+            raise ValueError(f"kv_cost must be one of {', '.join(KV_COSTS)}, got {self.kv_cost!r}")
         if not (0 <= self.host_tier_weight <= 1 and 0 <= self.disk_tier_weight <= 1):
             raise ValueError("host_tier_weight and disk_tier_weight must be in [0, 1] (a copy is not dearer than a "
                              "recompute)")

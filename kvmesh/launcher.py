@@ -78,6 +78,9 @@ class StackOptions:
     # Run the planner (`kvmesh up --planner`, local connector): these are its flags.
     planner: bool = False
     planner_args: list[str] = field(default_factory=list)
+    # --engine mock: workers per process (services/worker/mock_fleet.py); 1 = a process each, which
+    # restart_worker needs (a fleet is one process: it stops and starts whole).
+    mock_fleet_size: int = 1
 
     def __post_init__(self) -> None:
         if self.prefill or self.decode:
@@ -86,6 +89,8 @@ class StackOptions:
             self.workers = 0
         if self.workers < 0:
             raise ValueError("--workers must be >= 0")
+        if self.mock_fleet_size < 1:
+            raise ValueError("--mock-fleet-size must be >= 1")
         if self.planner and not (self.prefill and self.decode):
             raise ValueError("--planner moves workers between prefill and decode: give --prefill N --decode M")
 
@@ -197,8 +202,12 @@ class LocalStack:
         worker's cost is its process, so simulations of many workers share a few."""
         base = f"{role}-{self.options.namespace}-{first}"
         env = {**self.options.worker_env, "KVMESH_NUM_THREADS": "1"}
-        self.spawn(f"fleet-{role}-{first}", base, "services.worker.mock_fleet",
-                   ["--engine", "mock", "--fleet-size", str(size), "--role", role], env)  # fmt: skip
+        args = ["--engine", "mock", "--fleet-size", str(size), "--role", role]
+        if self.options.model:
+            args += ["--model", self.options.model]
+        if self.options.kv_cache_blocks:  # (the mock engine has no lower KV tiers)
+            args += ["--kv-cache-blocks", str(self.options.kv_cache_blocks)]
+        self.spawn(f"fleet-{role}-{first}", base, "services.worker.mock_fleet", args, env)
         # The fleet registers <base>.0 … <base>.<size-1>; health is awaited on the first.
         self.children[-1].instance_id = f"{base}.0"
         return [f"{base}.{i}" for i in range(size)]
@@ -225,7 +234,12 @@ class LocalStack:
         self.start_kvstore()
         options = self.options
         roles = [("aggregated", options.workers), ("prefill", options.prefill), ("decode", options.decode)]
+        fleet = options.mock_fleet_size if options.engine == "mock" else 1
         for role, count in roles:
+            if fleet > 1:
+                for first in range(0, count, fleet):
+                    self.add_mock_fleet(first, min(fleet, count - first), role)
+                continue
             for index in range(count):
                 self.add_worker(role, index)
         self.add_router("router", self.options.router_mode, self.options.grpc_port, self.options.http_port)

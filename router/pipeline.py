@@ -28,16 +28,7 @@ from router.kv_index import KvIndexClient
 from router.migration import MIGRATABLE, Attempt, Resume, continuation_request, read
 from router.request_limits import check_input_limits, check_max_tokens
 from router.request_trace import RecentRequests, RouterRequestTrace
-from router.scoring import (
-    Candidate,
-    PrefixOverlap,
-    RoundRobin,
-    TierWeights,
-    candidate,
-    choose_decode,
-    choose_kv,
-    rank_by_cost,
-)
+from router.scoring import Candidate, KvCost, PrefixOverlap, RoundRobin, candidate, choose_decode
 from router.text_stream import TextStream
 from router.tokenizers import TokenizerCache
 from router.worker_pool import WorkerPool, WorkerState
@@ -93,6 +84,8 @@ class RouteInfo:
     # Where the prefix overlaps came from: local (the router's followed copy of the index),
     # kvstore (a FindMatches call), none (routed on load alone, or not a kv route).
     index: str = "none"
+    # kv-cost ttft: the modelled prefill the chosen worker owes this request until its first token.
+    prefill_s: float = 0.0
 
 
 class Generation:
@@ -222,8 +215,8 @@ class RouterCore:
         self.settings = settings
         self.pool = pool
         self.kv_index = kv_index
-        # A lower-tier block's copy back to the device, in block prefills (fixed by the settings).
-        self.tier_weights = TierWeights(settings.host_tier_weight, settings.disk_tier_weight)
+        # kv mode's cost (fixed by the settings; a bad --cost-profile stops the router at start).
+        self.kv_cost = KvCost.from_settings(settings)
         self.tokenizers = TokenizerCache()
         self.auth = FrontDoorAuth.from_settings(settings)
         self.admission = InflightLimit(settings.max_inflight_requests)
@@ -275,11 +268,14 @@ class RouterCore:
 
     # -- routing ---------------------------------------------------------------------------
     async def route(
-        self, info: common_pb2.InstanceInfo, hashes: list[int], exclude: set[str]
+        self, info: common_pb2.InstanceInfo, hashes: list[int], exclude: set[str], prompt_tokens: int = 0
     ) -> tuple[WorkerState, RouteInfo]:
+        """``prompt_tokens`` (default: the full blocks of ``hashes``) prices the uncached tail."""
+        block_size = info.block_size or 16
+        prompt_tokens = max(prompt_tokens, len(hashes) * block_size, 1)
         decoders = [w for w in self.pool.candidates(info.model, ("decode",)) if w.worker_id not in exclude]
         if decoders:
-            return await self._route_disaggregated(info, hashes, decoders)
+            return await self._route_disaggregated(info, hashes, decoders, prompt_tokens)
         workers = [w for w in self.pool.candidates(info.model) if w.worker_id not in exclude]
         if not workers:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no live worker serves {info.model}")
@@ -292,8 +288,7 @@ class RouterCore:
             return worker, RouteInfo(worker.worker_id, mode, 0, len(hashes))
         overlaps = await self.kv_index.find_overlaps(info.model, hashes)
         candidates = _candidates(workers, overlaps)
-        decision = choose_kv(candidates, len(hashes), self.settings.overlap_weight,
-                             self.settings.router_temperature, self._rng, self.tier_weights)  # fmt: skip
+        decision = self.kv_cost.choose(candidates, prompt_tokens, block_size, self._rng)
         route_mode = "kv" if overlaps is not None else "kv-load-only"
         index = self._index_source(overlaps)
         peer = max((c for c in candidates if c.prefix_overlap > decision.prefix_overlap), default=None,
@@ -301,7 +296,7 @@ class RouterCore:
         return self.pool.workers[decision.worker_id], RouteInfo(
             decision.worker_id, route_mode, decision.prefix_overlap, len(hashes),
             runner_up_cost=decision.runner_up_cost, kv_peer=self.pool.workers[peer.worker_id] if peer else None,
-            kv_peer_blocks=peer.prefix_overlap if peer else 0, index=index,
+            kv_peer_blocks=peer.prefix_overlap if peer else 0, index=index, prefill_s=decision.prefill_s,
         )
 
     def _index_source(self, overlaps: dict | None) -> str:
@@ -310,7 +305,7 @@ class RouterCore:
         return "local" if self.kv_index.following else "kvstore"
 
     async def _route_disaggregated(
-        self, info: common_pb2.InstanceInfo, hashes: list[int], decoders: list[WorkerState]
+        self, info: common_pb2.InstanceInfo, hashes: list[int], decoders: list[WorkerState], prompt_tokens: int
     ) -> tuple[WorkerState, RouteInfo]:
         """Decode worker by load then overlap; remote prefill only when worth a transfer."""
         overlaps = await self.kv_index.find_overlaps(info.model, hashes)
@@ -325,10 +320,9 @@ class RouterCore:
             return worker, RouteInfo(worker.worker_id, "disagg-local", decode.prefix_overlap, len(hashes),
                                      runner_up_cost=decode.runner_up_cost, index=index)  # fmt: skip
         candidates = _candidates(prefills, overlaps)
-        prefill = choose_kv(candidates, len(hashes), self.settings.overlap_weight, self.settings.router_temperature,
-                            self._rng, self.tier_weights)  # fmt: skip
-        others = rank_by_cost([c for c in candidates if c.worker_id != prefill.worker_id], len(hashes),
-                              self.settings.overlap_weight, self.tier_weights)  # fmt: skip
+        prefill = self.kv_cost.choose(candidates, prompt_tokens, block_size, self._rng)
+        others = self.kv_cost.rank([c for c in candidates if c.worker_id != prefill.worker_id], prompt_tokens,
+                                   block_size)  # fmt: skip
         route = RouteInfo(worker.worker_id, "disagg-remote", prefill.prefix_overlap, len(hashes),
                           self.pool.workers[prefill.worker_id], [self.pool.workers[w] for w in others],
                           prefill.runner_up_cost, index=index)  # fmt: skip
@@ -389,13 +383,14 @@ class RouterCore:
         for _ in range(_MAX_ATTEMPTS):
             try:
                 with trace.phase("route") as span:
-                    worker, route = await self.route(info, hashes, tried)
+                    worker, route = await self.route(info, hashes, tried, len(worker_request.token_ids))
                     trace.routed(span, route, len(worker_request.token_ids))
             except RouterError:
                 if not tried:
                     raise
                 break  # every worker was tried
             worker.inflight[request_id] = len(hashes) + 1
+            worker.prefilling[request_id] = route.prefill_s
             call = self._call(worker, route, worker_request, timeout_s, trace.call_metadata())
             try:
                 first = await read(call)
@@ -409,6 +404,7 @@ class RouterCore:
                 log.warning("worker %s refused before the first token (%s); retrying", worker.worker_id, last_error)
                 continue
             finally:
+                worker.prefilling.pop(request_id, None)
                 if route.prefill_worker is not None:
                     route.prefill_worker.finish(request_id)
             if first is grpc.aio.EOF:
@@ -470,8 +466,8 @@ class RouterCore:
 
 
 def _candidates(workers: list[WorkerState], overlaps: dict[str, PrefixOverlap] | None) -> list[Candidate]:
-    return [candidate(w.worker_id, (overlaps or {}).get(w.worker_id), w.active_blocks, w.waiting_requests)
-            for w in workers]  # fmt: skip
+    return [candidate(w.worker_id, (overlaps or {}).get(w.worker_id), w.active_blocks, w.waiting_requests,
+                      w.running_requests, w.queued_prefill_s) for w in workers]  # fmt: skip
 
 
 def _check_sampling_ranges(sampling: common_pb2.SamplingParams) -> None:

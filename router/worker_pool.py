@@ -36,6 +36,8 @@ class WorkerState:
     # Blocks of this router's requests that finished after the last stats report was taken:
     # that report still counts them, so they are subtracted until a newer report arrives.
     released_blocks: int = 0
+    # request id -> modelled prefill seconds it owes (kv-cost ttft), until its first token arrives
+    prefilling: dict[str, float] = field(default_factory=dict)
     released_at_ms: float = 0.0
     stats_task: asyncio.Task | None = None
 
@@ -68,6 +70,16 @@ class WorkerState:
     @property
     def waiting_requests(self) -> int:
         return self.stats.waiting_requests if self.stats else 0
+
+    @property
+    def running_requests(self) -> int:
+        """The worker's report or this router's count of its requests there, whichever is higher."""
+        reported = self.stats.running_requests if self.stats else 0
+        return max(reported, len(self.inflight) - len(self.prefilling))
+
+    @property
+    def queued_prefill_s(self) -> float:
+        return sum(self.prefilling.values())
 
 
 class WorkerPool:
