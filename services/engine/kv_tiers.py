@@ -168,6 +168,10 @@ class DiskTier:
         touch_block_file(self.directory, block_hash)
         return data.pin_memory() if self._pin else data
 
+    def flush(self) -> None:
+        """Wait until every write, read and deletion queued so far is done."""
+        self._io.submit(lambda: None).result()
+
     def close(self) -> None:
         """Finish every queued write and deletion."""
         self._io.shutdown(wait=True)
