@@ -286,7 +286,10 @@ class LowerTiers:
                 torch.cuda.current_stream(self.kv_cache.device).synchronize()
             return self.host.view(block_hash).clone()
         if self.disk is not None and block_hash in self.disk:
-            return self.disk.load(block_hash)
+            data = self.disk.load(block_hash)
+            if data is None:  # damaged: dropped from the disk tier
+                self.events.append(BlockRemoved((block_hash,), TIER_DISK))
+            return data
         return None
 
     def take_events(self) -> list[KvEvent]:

@@ -63,18 +63,21 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _admit_loaded(self) -> None:
-        """Loading sequences whose blocks are in go back to the front of the queue, in arrival order."""
+    def _requeue_loaded(self) -> None:
+        """Loading sequences whose blocks are in go back to the front of the queue, in arrival
+        order. Their blocks, named now, are let go like any cached prefix: the admission that
+        follows matches them again (they are the most recently freed, so the last evicted), and
+        a sequence the pool cannot take yet waits holding nothing, as a fresh one does."""
         done = sorted((seq for seq, promotion in self.loading.values() if promotion.done),
                       key=lambda seq: seq.arrival, reverse=True)
         for seq in done:
             _, promotion = self.loading.pop(seq.request_id)
             self.blocks.finish_promotion(seq, promotion)
+            self.blocks.free(seq)
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
 
     def schedule(self) -> list[ScheduledItem]:
-        self._admit_loaded()
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledItem] = []
         queue = list(self.running)
@@ -99,12 +102,12 @@ class Scheduler:
                 kept.append(seq)
                 budget -= n
         self.running = kept
+        self._requeue_loaded()
         # After a preemption the pool is tight: admitting more would only thrash.
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            # Imported KV or a finished promotion: its blocks are already in place.
-            holds_blocks = bool(seq.block_table)
+            holds_blocks = bool(seq.block_table)  # imported KV: its blocks are already in place
             if not holds_blocks:
                 promotion = self.blocks.match_prefix(seq)
                 if promotion is not None:
