@@ -11,6 +11,11 @@ run on each in turn. TTFT is
 from ``add_request`` to the request's first token (promotions and demotions included);
 the first turn of each chat has nothing to reuse and is left out of the percentiles.
 
+A second scenario times what a promotion from disk costs the requests already running: a
+stream decodes on a G3-only engine while another request arrives whose long prefix was pushed
+out to disk; the stream's inter-token latency (ITL) is reported quiet and while that prefix is
+read back (its worst gap, and how many of its tokens came out meanwhile).
+
 It also times, per block, what the router's tier weights compare: a prefill's compute, a
 host-memory promotion and a disk read (page cache warm: the file was just written), and
 prints the weights those give (copy time / compute time). Writes JSON (``--out``) and a table.
@@ -142,6 +147,58 @@ def run_workloads(engines: dict[str, Engine], chats: list[list[list[int]]], peer
     return results
 
 
+def decode_beside_promotion(config: EngineConfig, rng: np.random.Generator, prefix_blocks: int, rounds: int
+                            ) -> dict:
+    """ITL of a decoding stream quiet and while another request's ``prefix_blocks`` come back
+    from disk (their files written, the page cache warm); medians over ``rounds``."""
+    engine = Engine(config)
+    quiet: list[float] = []
+    worst: list[float] = []
+    streamed: list[int] = []
+    for r in range(rounds):
+        q, during = _stream_beside_promotion(engine, rng, prefix_blocks, f"r{r}")
+        quiet += q
+        worst.append(max(during))
+        streamed.append(len(during))
+    disk_hits = engine.stats().disk_hit_blocks
+    engine.close()
+    return {"prefix_blocks": prefix_blocks, "rounds": rounds, "itl_p50_quiet_s": statistics.median(quiet),
+            "itl_worst_during_s": statistics.median(worst), "stream_tokens_during": statistics.median(streamed),
+            "disk_hit_blocks": disk_hits}
+
+
+def _stream_beside_promotion(engine: Engine, rng: np.random.Generator, prefix_blocks: int, name: str,
+                             stream_tokens: int = 32, arrive_after: int = 12) -> tuple[list[float], list[float]]:
+    """One round: the stream's gaps before the other request arrives, and until its first token."""
+    bs = engine.config.block_size
+    prefix = rng.integers(100, 40_000, prefix_blocks * bs).tolist()
+    engine.generate([[*prefix, 1]], REPLY)
+    engine.generate([rng.integers(100, 40_000, engine.blocks.num_blocks * bs - 1).tolist()],  # the whole pool
+                    SamplingParams(temperature=0, max_tokens=1))
+    assert engine.cached_prefix_blocks([*prefix, 1]) == 0, "the filler should have pushed the prefix to disk"
+    disk = Path(engine.config.disk_cache_dir)
+    while sum(1 for _ in disk.glob("*/*.kvb")) < len(engine.tiers.disk):  # every write landed
+        time.sleep(0.01)
+    engine.add_request(f"{name}-stream", rng.integers(100, 40_000, 2 * bs).tolist(),
+                       SamplingParams(temperature=0, max_tokens=stream_tokens, ignore_eos=True))
+    quiet: list[float] = []
+    during: list[float] = []
+    gaps, last = quiet, None
+    while engine.has_unfinished():
+        for out in engine.step():
+            now = time.perf_counter()
+            if out.request_id == f"{name}-loader":
+                gaps = []  # the loader decodes beside the stream from now on: neither quiet nor loading
+                continue
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            if out.num_output_tokens == arrive_after:
+                engine.add_request(f"{name}-loader", prefix + rng.integers(100, 40_000, bs).tolist(), REPLY)
+                gaps = during
+    return quiet, during
+
+
 def block_costs(engine: Engine, prompt: list[int], disk_dir: Path, runs: int) -> dict:
     """Seconds per block: prefill compute (a cold prompt), host promotion, disk read + upload."""
     bs = engine.config.block_size
@@ -182,9 +239,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--message-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--runs", type=int, default=5, help="repeats of each per-block cost")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="repeats of each per-block cost and of the stream beside a promotion")
     parser.add_argument("--configs", default=f"tiers off,G2 only,G2+G3,{PEER_FETCH}",
                         help="comma-separated subset to run")
+    parser.add_argument("--promotion-blocks", type=int, default=32,
+                        help="prefix read back from disk beside a decoding stream (0: skip that scenario)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/reports/kv-tiers.json"))
     args = parser.parse_args(argv)
@@ -212,6 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
                    if name in args.configs.split(",")}
         peer = Peer(EngineConfig(**{**base, "num_kv_blocks": 2 * working_set})) if PEER_FETCH in engines else None
         results = run_workloads(engines, chats, peer)
+        beside = decode_beside_promotion(
+            EngineConfig(**base, disk_cache_bytes=8 * pool_bytes, disk_cache_dir=os.path.join(scratch, "itl")),
+            np.random.default_rng(args.seed), args.promotion_blocks, args.runs) if args.promotion_blocks else None
         for engine in engines.values():
             engine.close()
         if peer is not None:
@@ -221,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pool_blocks": args.pool_blocks, "working_set_blocks": working_set, "block_bytes": block_bytes,
         "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
         "load_average": [load_before, os.getloadavg()[0]], "block_costs": costs, "runs": results,
+        "decode_beside_promotion": beside,
         "outputs_identical": len({json.dumps(o) for o in outputs.values()}) == 1,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"per block: compute {costs['compute_s'] * 1e3:.2f}ms, host copy {costs['host_copy_s'] * 1e3:.3f}ms "
           f"(weight {costs['host_weight']:.3f}), disk read {costs['disk_read_s'] * 1e3:.3f}ms "
           f"(weight {costs['disk_weight']:.3f}); outputs identical: {report['outputs_identical']}")
+    if beside is not None:
+        print(f"stream ITL p50 {beside['itl_p50_quiet_s'] * 1e3:.1f}ms quiet; while {beside['prefix_blocks']} blocks "
+              f"came back from disk: worst gap {beside['itl_worst_during_s'] * 1e3:.1f}ms, "
+              f"{beside['stream_tokens_during']} tokens streamed meanwhile")
     return report
 
 

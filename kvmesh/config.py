@@ -25,6 +25,8 @@ ROUTER_MODES = ("kv", "round_robin", "random")
 KV_COSTS = ("ttft", "blocks")
 ENGINES = ("real", "mock")
 TRACE_EXPORTERS = ("off", "console", "otlp")
+# Where a worker's disk tier (G3) goes when no directory is given: one folder per instance id.
+SCRATCH_DISK_CACHE_ROOT = os.path.join(tempfile.gettempdir(), "kvmesh-kv-cache")
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -136,7 +138,8 @@ class WorkerSettings(ServiceSettings):
     disk_cache_gb: float = dataclasses.field(
         default=2.0, metadata=_help("KV tier G3: local disk for blocks evicted from host memory; 0 = off"))
     disk_cache_dir: str = dataclasses.field(default="", metadata=_help(
-        "G3 directory (kept across restarts; one per worker); default: <tmp>/kvmesh-kv-cache/<instance-id>"))
+        "G3 directory (kept across restarts; one per worker); default: <tmp>/kvmesh-kv-cache/<instance-id>, "
+        "deleted when the worker stops if its id was generated"))
     peer_fetch: bool = dataclasses.field(
         default=True, metadata=_help("pull a prefix a peer holds (router's hint) when cheaper than recomputing it"))
     # Starting estimates only, replaced by running averages of this worker's own pulls and
@@ -164,6 +167,8 @@ class WorkerSettings(ServiceSettings):
     kind = "worker"
 
     def __post_init__(self) -> None:
+        # A generated instance id is never seen again: the default disk tier under it is scratch.
+        self._scratch_disk_cache = not self.disk_cache_dir and not self.instance_id
         super().__post_init__()
         if self.role not in WORKER_ROLES:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
@@ -178,7 +183,14 @@ class WorkerSettings(ServiceSettings):
         if self.kv_cache_blocks < 0 or self.host_cache_gb < 0 or self.disk_cache_gb < 0:
             raise ValueError("kv_cache_blocks, host_cache_gb and disk_cache_gb must be >= 0")
         if not self.disk_cache_dir:
-            self.disk_cache_dir = os.path.join(tempfile.gettempdir(), "kvmesh-kv-cache", self.instance_id)
+            self.disk_cache_dir = os.path.join(SCRATCH_DISK_CACHE_ROOT, self.instance_id)
+
+    @property
+    def disk_cache_is_scratch(self) -> bool:
+        """The G3 directory is the default of a worker with a generated id: no later worker can
+        find it, so it is deleted at a graceful stop (or by a later worker, see
+        ``services/worker/scratch_dir.py``)."""
+        return self._scratch_disk_cache
 
 
 @dataclasses.dataclass

@@ -7,17 +7,23 @@ owner (the engine) touches the tensors; this class only moves integers.
 
 With lower tiers (``kv_tiers.LowerTiers``), a named block is demoted there when its pool
 slot is reused, and a prefix match that runs out of pool blocks continues through them,
-promoting each block it finds back into the pool (the tiers copy the bytes).
+promoting each block it finds back into the pool (the tiers copy the bytes). Host-memory
+blocks are copied at once; disk blocks are read in the background into pool blocks the
+sequence already holds but that stay unnamed until ``finish_promotion``, so no other
+sequence can match a block whose bytes are not in yet, and freeing the sequence meanwhile
+(an abort) returns them like any unnamed block.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 from kvmesh.hashing import block_hash
 from services.engine.kv_events import BlockRemoved, BlockStored, KvEvent
-from services.engine.kv_tiers import LowerTiers
+from services.engine.kv_tiers import TIER_HOST, LowerTiers
 from services.engine.sequence import Sequence
 
 
@@ -28,6 +34,24 @@ class Block:
         self.block_id = block_id
         self.ref_count = 0
         self.block_hash: int | None = None
+
+
+@dataclass
+class Promotion:
+    """Disk blocks being read for a sequence, into the pool blocks it holds for them.
+
+    ``chain`` holds the hashes of the sequence's blocks from ``start`` on (its pool hits and
+    host copies among them are in place already); ``disk`` the positions in ``chain`` being read.
+    """
+
+    start: int
+    chain: list[int]
+    disk: list[int]
+    loaded: Future
+
+    @property
+    def done(self) -> bool:
+        return self.loaded.done()
 
 
 class BlockManager:
@@ -87,20 +111,31 @@ class BlockManager:
         self.blocks[block_id].ref_count = 1
         return block_id
 
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.block_hash is not None:
+                self.evictable[block_id] = None
+            else:
+                self.empty.append(block_id)
+
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.evictable[block_id]
         block.ref_count += 1
 
-    def match_prefix(self, seq: Sequence) -> None:
+    def match_prefix(self, seq: Sequence) -> Promotion | None:
         """Attach the longest run of cached leading blocks to a sequence that holds none.
 
-        At least one token is always left to compute: its logits give the next token.
+        At least one token is always left to compute: its logits give the next token. When the
+        run continues on disk, the blocks for it are attached too and their reads started: the
+        sequence may run only after ``finish_promotion`` (the returned promotion).
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching:
-            return
+            return None
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         parent: int | None = None
@@ -114,34 +149,85 @@ class BlockManager:
             seq.block_table.append(block_id)
             hashes.append(h)
             parent = h
-        else:
-            h = None
-        if h is not None and self.tiers is not None:
-            self._promote_chain(seq, hashes, h, max_blocks)
         seq.block_hashes = hashes
         seq.num_computed_tokens = len(hashes) * bs
+        if self.tiers is None or len(hashes) == max_blocks:
+            return None
+        return self._promote_chain(seq, max_blocks)
 
-    def _promote_chain(self, seq: Sequence, hashes: list[int], h: int, max_blocks: int) -> None:
-        """Continue a match at ``h``, the first hash the pool lacks, through the lower tiers: each
-        block found there is copied into a pool block and named, until the chain breaks, a copy
-        fails its check or the pool has no free block."""
+    def _promote_chain(self, seq: Sequence, max_blocks: int) -> Promotion | None:
+        """Continue a match through the lower tiers (and the pool, where a later block is back in
+        it) until the chain breaks or the pool has no free block. Host blocks are copied and
+        named now; disk blocks get a pool block each and are read in the background."""
         bs = self.block_size
-        while self.tiers.tier_of(h) is not None and self.num_free:
-            parent = hashes[-1] if hashes else None
-            block_id = self._take()
-            if not self.tiers.promote(h, block_id):
-                self.blocks[block_id].ref_count = 0
-                self.empty.append(block_id)
-                return
-            self.blocks[block_id].block_hash = h
-            self.hash_to_block[h] = block_id
-            self.pending_events.append(BlockStored((h,), parent))
-            seq.block_table.append(block_id)
-            hashes.append(h)
-            i = len(hashes)
-            if i >= max_blocks:
-                return
-            h = block_hash(seq.token_ids[i * bs : (i + 1) * bs], h)
+        start = len(seq.block_hashes)
+        chain: list[int] = []
+        disk: list[int] = []
+        h = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(start, max_blocks):
+            parent, h = h, block_hash(seq.token_ids[i * bs : (i + 1) * bs], h)
+            tier = self.tiers.tier_of(h)
+            if h in self.hash_to_block:
+                self._ref(self.hash_to_block[h])
+                seq.block_table.append(self.hash_to_block[h])
+            elif tier is None or not self.num_free:
+                break
+            else:
+                block_id = self._take()
+                seq.block_table.append(block_id)
+                if tier == TIER_HOST:
+                    self.tiers.promote_host(h, block_id)
+                    self._name(block_id, h, parent)
+                else:
+                    disk.append(len(chain))
+            chain.append(h)
+        # Taking blocks above may have pushed a disk block of this chain out of the disk tier:
+        # the chain stops before the first one no longer there.
+        gone = next((p for p in disk if chain[p] not in self.tiers.disk), None) if disk else None
+        if gone is not None:
+            self._release_tail(seq, start + gone)
+            chain, disk = chain[:gone], [p for p in disk if p < gone]
+        if not disk:
+            self._keep_chain(seq, chain)
+            return None
+        return Promotion(start, chain, disk, self.tiers.start_disk_load([chain[p] for p in disk]))
+
+    def finish_promotion(self, seq: Sequence, promotion: Promotion) -> None:
+        """Copy a promotion's disk reads into the sequence's pool blocks (waits for them if they
+        are not in yet) and name them. The sequence keeps its chain up to the first block that
+        was unusable; the blocks after it stay cached (each one's hash names its bytes) but are
+        no longer the sequence's."""
+        ids = [seq.block_table[promotion.start + p] for p in promotion.disk]
+        usable = self.tiers.finish_disk_load([promotion.chain[p] for p in promotion.disk],
+                                             promotion.loaded.result(), ids)
+        for p, block_id, ok in zip(promotion.disk, ids, usable, strict=True):
+            if ok:
+                index = promotion.start + p
+                self._name(block_id, promotion.chain[p], promotion.chain[p - 1] if p else (
+                    seq.block_hashes[index - 1] if index else None))
+        bad = next((p for p, ok in zip(promotion.disk, usable, strict=True) if not ok), None)
+        kept = promotion.chain if bad is None else promotion.chain[:bad]
+        if bad is not None:
+            self._release_tail(seq, promotion.start + bad)
+        self._keep_chain(seq, kept)
+
+    def _name(self, block_id: int, h: int, parent: int | None) -> None:
+        """Name a block whose bytes are in place (unless another block has that name already)."""
+        if h in self.hash_to_block:
+            return
+        self.blocks[block_id].block_hash = h
+        self.hash_to_block[h] = block_id
+        self.pending_events.append(BlockStored((h,), parent))
+
+    def _keep_chain(self, seq: Sequence, chain: list[int]) -> None:
+        seq.block_hashes = seq.block_hashes + chain
+        seq.num_computed_tokens = len(seq.block_hashes) * self.block_size
+
+    def _release_tail(self, seq: Sequence, keep: int) -> None:
+        """Drop a sequence's blocks from ``keep`` on (tail first, as ``free`` does)."""
+        for block_id in reversed(seq.block_table[keep:]):
+            self._unref(block_id)
+        del seq.block_table[keep:]
 
     def add_cached(self, hashes: list[int], parent: int | None) -> list[int | None]:
         """Name pool blocks for a chain whose KV came from elsewhere (a peer), as cached blocks;
@@ -227,13 +313,7 @@ class BlockManager:
         """Release every block of ``seq`` (named ones stay cached until evicted)."""
         # Tail blocks first, so the LRU evicts a prefix's end before its start.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.block_hash is not None:
-                    self.evictable[block_id] = None
-                else:
-                    self.empty.append(block_id)
+            self._unref(block_id)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

@@ -5,7 +5,9 @@ slot (G2, pinned on CUDA so the copy is one stream-ordered DMA). When G2 is full
 recently used block moves to disk (G3), written by a background thread so the engine loop
 never waits on the file system. A prefix match that runs out of device blocks continues
 here and *promotes* the blocks it finds back into the pool before prefill, which turns a
-recompute into a copy.
+recompute into a copy. A host block is copied at once (one memcpy, or a stream-ordered DMA on
+CUDA); disk blocks are read and checked on the disk thread while the engine keeps stepping,
+and copied into the pool once they are in (``start_disk_load`` / ``finish_disk_load``).
 
 G1 and G2 are exclusive (a block moves between them); G3 is inclusive: a block read back
 from disk keeps its file, so evicting it again costs no second write. Every change of what
@@ -18,7 +20,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -77,11 +79,14 @@ class HostTier:
 class DiskTier:
     """G3: one checksummed file per block in ``directory``, LRU by bytes; survives a restart.
 
-    Writes and deletions run in order on one background thread; until a write lands, the
-    block is served from the copy waiting for it, so the index is always exact for the engine.
+    Writes, reads and deletions run in order on one background thread, so a read queued after
+    a write finds the whole file and a read queued before a deletion still finds it; until a
+    write lands, the block is served from the copy waiting for it, so the index is always exact
+    for the engine. Only the engine thread touches the index.
     """
 
-    def __init__(self, directory: Path, capacity_bytes: int, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(self, directory: Path, capacity_bytes: int, block_shape: tuple[int, ...], dtype: torch.dtype,
+                 pin: bool = False) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.block_shape = list(block_shape)
@@ -93,6 +98,8 @@ class DiskTier:
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-kv-disk")
         self.dropped_corrupt = 0
+        # Blocks read back for a CUDA pool land in pinned memory: their upload is then one DMA.
+        self._pin = pin
         # Files left from a larger budget: trim to this one, oldest first.
         while len(self.index) > self.capacity_blocks:
             self._io.submit(remove_block_file, directory, self.index.popitem(last=False)[0])
@@ -120,25 +127,50 @@ class DiskTier:
         return evicted
 
     def load(self, block_hash: int) -> torch.Tensor | None:
-        """The block's bytes as a tensor, or None when its file is missing or fails its checksum
-        (the file is then dropped: a damaged block is recomputed, never used)."""
+        """The block's bytes, read on the calling thread (a peer's fetch), or None when its file is
+        missing or fails its checksum (it is then dropped: a damaged block is never used)."""
         with self._lock:
             pending = self._pending.get(block_hash)
-        if pending is not None:
-            self.index.move_to_end(block_hash)
-            return pending
+        data = pending if pending is not None else self._read(block_hash)
+        if data is None:
+            self.drop_damaged(block_hash)
+            return None
+        self.index.move_to_end(block_hash)
+        return data
+
+    def start_load(self, block_hashes: list[int]) -> Future:
+        """Read blocks on the disk thread, behind every write and deletion queued before them;
+        the future's result has, per hash, its bytes or None (missing or damaged: hand it to
+        ``drop_damaged``). The blocks count as just used from now."""
+        with self._lock:
+            pending = {h: self._pending[h] for h in block_hashes if h in self._pending}
+        for h in block_hashes:
+            self.index.move_to_end(h)
+        return self._io.submit(lambda: [pending[h] if h in pending else self._read(h) for h in block_hashes])
+
+    def drop_damaged(self, block_hash: int) -> bool:
+        """Forget a block whose file could not be used, and delete the file; False if it was
+        already gone from the index (evicted meanwhile)."""
+        self.dropped_corrupt += 1
+        if block_hash not in self.index:
+            return False
+        del self.index[block_hash]
+        self._io.submit(self._remove, block_hash)
+        return True
+
+    def _read(self, block_hash: int) -> torch.Tensor | None:
         try:
             data = tensor_from_bytes(read_block_file(self.directory, block_hash, self.block_bytes), self.dtype,
                                      self.block_shape)
         except BlockFileError as exc:
             log.warning("disk KV block %016x unusable (%s): dropped, it will be recomputed", block_hash, exc)
-            self.dropped_corrupt += 1
-            self.index.pop(block_hash, None)
-            self._io.submit(self._remove, block_hash)
             return None
-        self.index.move_to_end(block_hash)
-        self._io.submit(touch_block_file, self.directory, block_hash)
-        return data
+        touch_block_file(self.directory, block_hash)
+        return data.pin_memory() if self._pin else data
+
+    def flush(self) -> None:
+        """Wait until every write, read and deletion queued so far is done."""
+        self._io.submit(lambda: None).result()
 
     def close(self) -> None:
         """Finish every queued write and deletion."""
@@ -172,7 +204,7 @@ class LowerTiers:
         block_bytes = block.numel() * block.element_size()
         host_blocks = host_bytes // block_bytes
         self.host = HostTier(host_blocks, tuple(block.shape), kv_cache.dtype, kv_cache.is_cuda) if host_blocks else None
-        self.disk = (DiskTier(disk_dir, disk_bytes, tuple(block.shape), kv_cache.dtype)
+        self.disk = (DiskTier(disk_dir, disk_bytes, tuple(block.shape), kv_cache.dtype, kv_cache.is_cuda)
                      if disk_dir is not None and disk_bytes >= block_bytes else None)
         self.events: list[KvEvent] = []
         self.hit_blocks = {TIER_HOST: 0, TIER_DISK: 0}
@@ -220,24 +252,32 @@ class LowerTiers:
         if new and block_hash in self.disk:
             self.events.append(BlockStored((block_hash,), None, TIER_DISK))
 
-    def promote(self, block_hash: int, block_id: int) -> bool:
-        """Copy a lower-tier block into pool block ``block_id``; False when it is gone or damaged."""
-        dst = self.kv_cache[:, :, block_id]
-        if self.host is not None and block_hash in self.host:
-            dst.copy_(self.host.view(block_hash), non_blocking=True)
-            self.host.release(block_hash)
-            self.events.append(BlockRemoved((block_hash,), TIER_HOST))
-            self.hit_blocks[TIER_HOST] += 1
-            return True
-        if self.disk is None or block_hash not in self.disk:
-            return False
-        data = self.disk.load(block_hash)
-        if data is None:
-            self.events.append(BlockRemoved((block_hash,), TIER_DISK))
-            return False
-        dst.copy_(data.to(dst.device, non_blocking=True))
-        self.hit_blocks[TIER_DISK] += 1
-        return True
+    def promote_host(self, block_hash: int, block_id: int) -> None:
+        """Move a host-memory block into pool block ``block_id`` (the copy is queued, not awaited:
+        on CUDA it is ordered before any kernel that reads the block)."""
+        self.kv_cache[:, :, block_id].copy_(self.host.view(block_hash), non_blocking=True)
+        self.host.release(block_hash)
+        self.events.append(BlockRemoved((block_hash,), TIER_HOST))
+        self.hit_blocks[TIER_HOST] += 1
+
+    def start_disk_load(self, block_hashes: list[int]) -> Future:
+        """Start reading disk blocks (each must be held there now) in the background."""
+        return self.disk.start_load(block_hashes)
+
+    def finish_disk_load(self, block_hashes: list[int], loaded: list[torch.Tensor | None],
+                         block_ids: list[int]) -> list[bool]:
+        """Copy finished reads into their pool blocks; per block, whether it was usable (a
+        damaged one is dropped from the disk tier and must be recomputed)."""
+        usable: list[bool] = []
+        for block_hash, data, block_id in zip(block_hashes, loaded, block_ids, strict=True):
+            if data is None:
+                if self.disk.drop_damaged(block_hash):
+                    self.events.append(BlockRemoved((block_hash,), TIER_DISK))
+            else:
+                self.kv_cache[:, :, block_id].copy_(data, non_blocking=True)
+                self.hit_blocks[TIER_DISK] += 1
+            usable.append(data is not None)
+        return usable
 
     def read(self, block_hash: int) -> torch.Tensor | None:
         """A lower-tier block's bytes on the host, left where they are (a peer's fetch)."""
@@ -246,7 +286,10 @@ class LowerTiers:
                 torch.cuda.current_stream(self.kv_cache.device).synchronize()
             return self.host.view(block_hash).clone()
         if self.disk is not None and block_hash in self.disk:
-            return self.disk.load(block_hash)
+            data = self.disk.load(block_hash)
+            if data is None:  # damaged: dropped from the disk tier
+                self.events.append(BlockRemoved((block_hash,), TIER_DISK))
+            return data
         return None
 
     def take_events(self) -> list[KvEvent]:

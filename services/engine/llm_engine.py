@@ -33,6 +33,9 @@ from services.engine.timing_model import TimingProfile
 from services.engine.tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Longest a step with nothing to compute waits for a disk read; an AsyncEngine's queued
+# calls (aborts, new requests) wait at most this long.
+_LOAD_WAIT_S = 0.05
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -175,6 +178,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling round and one forward pass; return the requests that advanced."""
         items = self.scheduler.schedule()
+        if not items and self.scheduler.loading:
+            # Only disk reads are left: wait for one (briefly, so queued calls still run soon).
+            self.scheduler.wait_for_loads(_LOAD_WAIT_S)
         outputs: list[RequestOutput] = []
         if items:
             seqs, logits = self.runner.execute(items)
@@ -326,7 +332,9 @@ class Engine:
         seq.admitted = True  # its prompt was computed elsewhere: no local prefix hit to count
         reused = 0
         if kv_first_block:
-            self.blocks.match_prefix(seq)
+            promotion = self.blocks.match_prefix(seq)
+            if promotion is not None:  # the reused blocks came back from disk: wanted now
+                self.blocks.finish_promotion(seq, promotion)
             reused = len(seq.block_table)
             if reused < kv_first_block:
                 self.blocks.free(seq)
@@ -383,7 +391,9 @@ class Engine:
     # --- introspection and convenience ------------------------------------------------------
     def stats(self) -> EngineStats:
         b, t = self.blocks, self.tiers
-        stats = EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+        # A sequence loading its prefix from disk counts as waiting: it has not run yet.
+        waiting = len(self.scheduler.waiting) + len(self.scheduler.loading)
+        stats = EngineStats(running=len(self.scheduler.running), waiting=waiting,
                             blocks_total=b.num_blocks, blocks_used=b.num_used, blocks_cached=b.num_cached,
                             blocks_free=b.num_free - b.num_cached, prefix_hit_tokens=b.prefix_hit_tokens,
                             preemptions=self.scheduler.num_preemptions)

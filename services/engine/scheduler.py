@@ -5,14 +5,19 @@ then waiting ones are admitted in arrival order while the token budget, the sequ
 and the pool allow. When the pool runs dry, the most recently admitted sequence is preempted:
 its blocks are freed (full ones stay cached, so its recompute mostly hits the prefix cache)
 and it goes back to the front of the queue.
+
+A waiting sequence whose prefix continues on disk is *loading* while those blocks are read in
+the background: it leaves the queue (the ones behind it may be admitted), the running ones
+keep stepping, and it is admitted from the front of the queue once its blocks are in.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
 
-from services.engine.block_manager import BlockManager
+from services.engine.block_manager import BlockManager, Promotion
 from services.engine.sequence import Sequence, SequenceStatus
 
 ScheduledItem = tuple[Sequence, int]
@@ -25,20 +30,30 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Sequences whose prefix blocks are being read from disk, by request id.
+        self.loading: dict[str, tuple[Sequence, Promotion]] = {}
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    def wait_for_loads(self, timeout_s: float) -> None:
+        """Block until a loading sequence's blocks are in or ``timeout_s`` passes (an engine with
+        nothing else to run waits here instead of spinning)."""
+        wait([promotion.loaded for _, promotion in self.loading.values()], timeout_s, FIRST_COMPLETED)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks (finish or abort)."""
+        """Take a sequence out of the queues and free its blocks (finish or abort). A loading
+        sequence's reads finish unused: its blocks are unnamed, so freeing them is enough."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif self.loading.pop(seq.request_id, None) is not None:
+            seq.status = SequenceStatus.WAITING
         if not seq.keep_kv:
             self.blocks.free(seq)
 
@@ -47,6 +62,20 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _requeue_loaded(self) -> None:
+        """Loading sequences whose blocks are in go back to the front of the queue, in arrival
+        order. Their blocks, named now, are let go like any cached prefix: the admission that
+        follows matches them again (they are the most recently freed, so the last evicted), and
+        a sequence the pool cannot take yet waits holding nothing, as a fresh one does."""
+        done = sorted((seq for seq, promotion in self.loading.values() if promotion.done),
+                      key=lambda seq: seq.arrival, reverse=True)
+        for seq in done:
+            _, promotion = self.loading.pop(seq.request_id)
+            self.blocks.finish_promotion(seq, promotion)
+            self.blocks.free(seq)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
 
     def schedule(self) -> list[ScheduledItem]:
         budget = self.max_num_batched_tokens
@@ -73,13 +102,19 @@ class Scheduler:
                 kept.append(seq)
                 budget -= n
         self.running = kept
+        self._requeue_loaded()
         # After a preemption the pool is tight: admitting more would only thrash.
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             holds_blocks = bool(seq.block_table)  # imported KV: its blocks are already in place
             if not holds_blocks:
-                self.blocks.match_prefix(seq)
+                promotion = self.blocks.match_prefix(seq)
+                if promotion is not None:
+                    self.waiting.popleft()
+                    seq.status = SequenceStatus.LOADING
+                    self.loading[seq.request_id] = (seq, promotion)
+                    continue
             n = _tokens_to_compute(seq, budget)
             if not self.blocks.allocate(seq, n):
                 if not holds_blocks:

@@ -14,6 +14,8 @@ from services.engine.sampling_params import SamplingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    # Waiting for prefix blocks read back from a lower tier (see Scheduler.loading).
+    LOADING = "loading"
     RUNNING = "running"
     FINISHED = "finished"
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
-from kvmesh.config import WorkerSettings, load_settings
+from kvmesh.config import SCRATCH_DISK_CACHE_ROOT, WorkerSettings, load_settings
 from kvmesh.grpc_service import ServiceProcess
 from kvmesh.logging_setup import setup_logging
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, worker_pb2, worker_pb2_grpc
@@ -21,6 +22,7 @@ from services.worker.kv_wire import add_transfer_servicer, keep_transfer_buffers
 from services.worker.lifecycle import WorkerLifecycle
 from services.worker.peer_fetch import PeerFetcher
 from services.worker.role_switch import RoleSwitch
+from services.worker.scratch_dir import ScratchDir, sweep_dead
 from services.worker.servicer import WorkerServicer
 from services.worker.transfer_servicer import KvTransferServicer
 
@@ -57,6 +59,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 async def serve(settings: WorkerSettings) -> None:
     keep_transfer_buffers()
+    sweep_dead(Path(SCRATCH_DISK_CACHE_ROOT))
+    scratch = ScratchDir(Path(settings.disk_cache_dir)) if settings.disk_cache_is_scratch else None
     engine = await asyncio.to_thread(build_engine, settings)
     async_engine = AsyncEngine(engine)
     process = ServiceProcess(settings, SERVICE_NAMES)
@@ -90,6 +94,8 @@ async def serve(settings: WorkerSettings) -> None:
     finally:
         await publisher.stop()
         async_engine.shutdown()
+        if scratch is not None:
+            scratch.remove()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

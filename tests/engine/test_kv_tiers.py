@@ -1,15 +1,18 @@
 """KV tiers on the real model: blocks evicted from the device pool come back from host memory
 (G2) or disk (G3) instead of being recomputed, the answer is unchanged, the disk tier survives
-a restart, and a damaged block file is never used."""
+a restart, a damaged block file is never used, and a disk read runs beside the decode."""
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from kvmesh.hashing import block_hashes
-from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine import Engine, EngineConfig, SamplingParams, kv_tiers
 from services.engine.kv_events import AllCleared, BlockRemoved, BlockStored
+from services.engine.kv_tier_files import read_block_file
 from services.engine.kv_tiers import TIER_DISK, TIER_HOST
+from services.engine.sequence import SequenceStatus
 from services.engine.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -147,3 +150,52 @@ def test_blocks_from_a_peer_are_kept_only_if_they_name_this_prompt(engine: Engin
     out = engine.generate([second], GREEDY)[0]
     assert out.num_cached_tokens == export.num_blocks * 16
     assert out.new_token_ids == _cold(engine, second)
+
+
+def test_disk_promotion_runs_beside_the_decode_and_an_abort_while_loading_frees_everything(
+        engine: Engine, tokenizer: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    first, second = _conversation(tokenizer)
+    tiered = _tiered(tmp_path, 0, 64)
+    _evict_first_turn(tiered, tokenizer, first)
+    tiered.tiers.disk.flush()  # every block is in its file: a promotion reads them all
+    idle_used = tiered.stats().blocks_used
+    # Disk reads wait for the test: while they do, the engine must keep stepping.
+    gate, reads = threading.Event(), []
+
+    def gated_read(*args):
+        reads.append(args[1])
+        assert gate.wait(30), "the test never opened the gate"
+        return read_block_file(*args)
+
+    monkeypatch.setattr(kv_tiers, "read_block_file", gated_read)
+    tiered.add_request("decoder", tokenizer.encode("Count slowly from one to twenty:"),
+                       SamplingParams(temperature=0, max_tokens=14, ignore_eos=True))
+    decoded = [o.request_id for o in tiered.step()]
+    assert decoded == ["decoder"]
+
+    tiered.add_request("aborted", second, GREEDY)
+    assert [o.request_id for o in tiered.step()] == ["decoder"]
+    assert tiered.requests["aborted"].status is SequenceStatus.LOADING
+    assert tiered.abort("aborted")
+    # Only the decoder's blocks are left in use.
+    assert tiered.stats().blocks_used == idle_used + len(tiered.requests["decoder"].block_table)
+    assert tiered.cached_prefix_blocks(second) == 0  # nothing half-read was named
+
+    tiered.add_request("loader", second, GREEDY)
+    for _ in range(3):
+        assert [o.request_id for o in tiered.step()] == ["decoder"]
+        assert tiered.requests["loader"].status is SequenceStatus.LOADING
+    assert not gate.is_set() and reads  # the decoder ran 3 steps while the reads were held
+
+    gate.set()
+    outputs: dict[str, list[int]] = {"decoder": [], "loader": []}
+    cached = 0
+    while tiered.has_unfinished():
+        for out in tiered.step():
+            outputs[out.request_id] += out.new_token_ids
+            cached = out.num_cached_tokens if out.request_id == "loader" else cached
+    assert cached == (len(first) - 1) // 16 * 16
+    assert outputs["loader"] == _cold(engine, second)
+    assert len(outputs["decoder"]) == 14 - 5
+    assert tiered.stats().blocks_used == 0  # the aborted request's reads left nothing behind
+    tiered.close()
