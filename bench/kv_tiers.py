@@ -209,7 +209,7 @@ def block_costs(engine: Engine, prompt: list[int], disk_dir: Path, runs: int) ->
         compute.append(first_token_s(engine, f"cost-{i}", prompt)[0] / blocks)
     pool = engine.runner.kv_cache
     block = pool[:, :, 0].clone()
-    host = torch.empty_like(block, pin_memory=pool.is_cuda)
+    host = torch.empty(block.shape, dtype=block.dtype, pin_memory=pool.is_cuda)  # on the CPU, as G2 is
     host_copy, disk_read = [], []
     nbytes = block.numel() * block.element_size()
     for i in range(runs):
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--opening-tokens", type=int, default=256)
     parser.add_argument("--message-tokens", type=int, default=32)
+    parser.add_argument("--model", default=EngineConfig.model, help="engine model spec (random:... on a GPU box)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=int, default=5,
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
                           args.message_tokens)
     final_tokens = args.opening_tokens + (args.turns - 1) * args.message_tokens + args.turns * REPLY.max_tokens
     working_set = args.conversations * final_tokens // 16
-    base = dict(dtype=args.dtype, device=args.device, num_kv_blocks=args.pool_blocks, max_num_seqs=4)
+    base = dict(model=args.model, dtype=args.dtype, device=args.device, num_kv_blocks=args.pool_blocks, max_num_seqs=4)
     probe = Engine(EngineConfig(**base))
     block_bytes = probe.runner.kv_cache[:, :, 0].numel() * probe.runner.kv_cache.element_size()
     pool_bytes = args.pool_blocks * block_bytes
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     outputs = {name: r.pop("outputs") for name, r in results.items()}
     report = {
         "pool_blocks": args.pool_blocks, "working_set_blocks": working_set, "block_bytes": block_bytes,
-        "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "model": args.model, "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
         "load_average": [load_before, os.getloadavg()[0]], "block_costs": costs, "runs": results,
         "decode_beside_promotion": beside,
         "outputs_identical": len({json.dumps(o) for o in outputs.values()}) == 1,

@@ -135,8 +135,10 @@ class WorkerSettings(ServiceSettings):
     kv_cache_blocks: int = dataclasses.field(default=0, metadata=_help("KV blocks in the pool; 0 = engine default"))
     host_cache_gb: float = dataclasses.field(
         default=0.5, metadata=_help("KV tier G2: host memory for blocks evicted from the device pool; 0 = off"))
-    disk_cache_gb: float = dataclasses.field(
-        default=2.0, metadata=_help("KV tier G3: local disk for blocks evicted from host memory; 0 = off"))
+    # On an H100 reading a Llama-3-8B block back from disk (page cache warm) took 1.1-2.4 ms, recomputing
+    # it 0.43 ms (bench/reports/kv-tiers-h100/): there G3 makes TTFT worse, so it is off by default.
+    disk_cache_gb: float = dataclasses.field(default=-1.0, metadata=_help(
+        "KV tier G3: local disk for blocks evicted from host memory; 0 = off; default (-1): 2 on cpu, 0 on cuda"))
     disk_cache_dir: str = dataclasses.field(default="", metadata=_help(
         "G3 directory (kept across restarts; one per worker); default: <tmp>/kvmesh-kv-cache/<instance-id>, "
         "deleted when the worker stops if its id was generated"))
@@ -180,8 +182,10 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("prefill_chunk_tokens must be >= 0 and transfer_timeout_s positive")
         if not 1 <= self.transfer_streams <= 16:
             raise ValueError(f"transfer_streams must be 1 to 16, got {self.transfer_streams}")
+        if self.disk_cache_gb == -1.0:
+            self.disk_cache_gb = 0.0 if self.device == "cuda" else 2.0
         if self.kv_cache_blocks < 0 or self.host_cache_gb < 0 or self.disk_cache_gb < 0:
-            raise ValueError("kv_cache_blocks, host_cache_gb and disk_cache_gb must be >= 0")
+            raise ValueError("kv_cache_blocks, host_cache_gb and disk_cache_gb must be >= 0 (-1: disk's default)")
         if not self.disk_cache_dir:
             self.disk_cache_dir = os.path.join(SCRATCH_DISK_CACHE_ROOT, self.instance_id)
 
