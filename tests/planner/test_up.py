@@ -4,12 +4,13 @@ with the targets given on the command line; the planner's own parser accepts wha
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from kvmesh import cli
 from kvmesh.config import PlannerSettings, add_settings_arguments, settings_from_namespace
-from kvmesh.launcher import LocalStack, StackOptions
+from kvmesh.launcher import LocalStack, ServiceChild, StackOptions
 
 
 def _recorded(argv: list[str], monkeypatch) -> list[tuple[str, list[str]]]:
@@ -17,7 +18,12 @@ def _recorded(argv: list[str], monkeypatch) -> list[tuple[str, list[str]]]:
 
     def record(options: StackOptions) -> int:
         stack = LocalStack(options)
-        stack.spawn = lambda name, instance_id, module, args, env=None: started.append((module, args))
+
+        def spawn(name: str, instance_id: str, module: str, args: list[str], env=None) -> None:
+            started.append((module, args))
+            stack.children.append(ServiceChild(name, instance_id, None, Path(f"{name}.log")))
+
+        stack.spawn = spawn
         stack.start_services()
         return 0
 
@@ -30,7 +36,10 @@ def test_up_with_planner_starts_it_with_the_local_connector_and_the_targets(monk
     started = _recorded(["up", "--prefill", "2", "--decode", "3", "--engine", "mock", "--planner",
                          "--ttft-p90-ms", "1500", "--itl-p90-ms", "80"], monkeypatch)  # fmt: skip
     modules = [module for module, _ in started]
-    assert modules.count("services.worker.server") == 5 and "planner.server" in modules
+    # Mock workers run several to a process (`--mock-fleet-size`): count the workers, not the processes.
+    fleets = [int(args[args.index("--fleet-size") + 1]) for module, args in started
+              if module == "services.worker.mock_fleet"]  # fmt: skip
+    assert modules.count("services.worker.server") + sum(fleets) == 5 and "planner.server" in modules
     args = next(args for module, args in started if module == "planner.server")
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser, PlannerSettings)
