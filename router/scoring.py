@@ -35,7 +35,11 @@ step the prefill rides in. Then a second stage balances: of the workers within
 Decode load is nearly free per step on a GPU, so a TTFT-only choice would pile conversations
 onto the workers holding them and leave others idle; a worker holding a request's history is
 ahead by that history's prefill time, which a slack shorter than it keeps, while a request
-whose cached part is short or held everywhere (a shared system prompt) goes to the least loaded.
+whose cached part is short or held everywhere (a shared system prompt) goes to the least loaded;
+of equally loaded ones, the earliest first token. A worker that lacks the prefix is priced as
+recomputing it, although the router then names the holder for a peer fetch: the slack is the most
+first-token time a move may cost, not what a fetch costs (bench/reports/routing-ttft/README.md
+measures both).
 """
 
 from __future__ import annotations
