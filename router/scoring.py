@@ -17,9 +17,9 @@ higher, so a burst does not all land on one worker before stats catch up), plus 
 prompt's worth of blocks for every queued request. With ``temperature`` 0 the cheapest
 worker wins (ties broken at random, so equal workers share the load); above 0, workers
 are drawn with probability ∝ exp(−cost / (temperature × prompt_blocks)), which spreads
-near-ties. That is the ``blocks`` cost (``--kv-cost blocks``).
+near-ties. That is the ``blocks`` cost (``--kv-cost blocks``, the default).
 
-The ``ttft`` cost (``--kv-cost ttft``, the default) prices in modelled seconds when each worker
+The ``ttft`` cost (``--kv-cost ttft``) prices in modelled seconds when each worker
 would deliver the first token, with the step-time coefficients of a timing profile
 (``--cost-profile``, the mock engine's model, see services/engine/timing_model.py):
 
