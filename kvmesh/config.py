@@ -220,13 +220,14 @@ class RouterSettings(ServiceSettings):
     router_temperature: float = dataclasses.field(
         default=0.0, metadata=_help("kv-cost blocks: softmax temperature over costs; 0 = always the cheapest")
     )
-    # router/scoring.py says what each cost is. ttft and its slack were chosen with `kvmesh bench
-    # routing` (16 mock workers, h100-llama3-8b-measured, bench/reports/routing-ttft/README.md): at
-    # speed-up 4, slack 50 ms left 5-block system prompts pinned to their first worker (long trace busy
-    # max/mean 1.36), 100 ms gave 1.08 (long) and 1.18 (short) at 96% / 93% of the oracle's hit rate,
-    # 200 ms 1.13 at 99%; the blocks cost could not keep conversations and balance at once.
+    # router/scoring.py says what each cost is. blocks stays the default: measured with `kvmesh bench
+    # routing` (16 mock workers, h100-llama3-8b-measured, bench/reports/routing-ttft/README.md), it did
+    # as well as ttft or better on the long trace at speed-ups 8 and 128 (hit rate, TTFT; busy max/mean
+    # under 1.3 with both), because ttft's second stage moves most conversations. The slack: at speed-up
+    # 4, 50 ms left 5-block system prompts pinned to their first worker (busy max/mean 1.36), 100 ms gave
+    # 1.08 (long) and 1.18 (short) at 96% / 93% of the oracle's hit rate.
     kv_cost: str = dataclasses.field(
-        default="ttft", metadata=_help("kv mode's cost: ttft (modelled time to first token, then the least loaded "
+        default="blocks", metadata=_help("kv mode's cost: ttft (modelled time to first token, then the least loaded "
                                        "within --ttft-slack-ms) or blocks (weighted blocks to prefill + decode load)"))
     ttft_slack_ms: float = dataclasses.field(
         default=100.0, metadata=_help("kv-cost ttft: workers this close to the earliest first token are "

@@ -17,9 +17,9 @@ higher, so a burst does not all land on one worker before stats catch up), plus 
 prompt's worth of blocks for every queued request. With ``temperature`` 0 the cheapest
 worker wins (ties broken at random, so equal workers share the load); above 0, workers
 are drawn with probability ∝ exp(−cost / (temperature × prompt_blocks)), which spreads
-near-ties. That is the ``blocks`` cost (``--kv-cost blocks``).
+near-ties. That is the ``blocks`` cost (``--kv-cost blocks``, the default).
 
-The ``ttft`` cost (``--kv-cost ttft``, the default) prices in modelled seconds when each worker
+The ``ttft`` cost (``--kv-cost ttft``) prices in modelled seconds when each worker
 would deliver the first token, with the step-time coefficients of a timing profile
 (``--cost-profile``, the mock engine's model, see services/engine/timing_model.py):
 
@@ -35,7 +35,11 @@ step the prefill rides in. Then a second stage balances: of the workers within
 Decode load is nearly free per step on a GPU, so a TTFT-only choice would pile conversations
 onto the workers holding them and leave others idle; a worker holding a request's history is
 ahead by that history's prefill time, which a slack shorter than it keeps, while a request
-whose cached part is short or held everywhere (a shared system prompt) goes to the least loaded.
+whose cached part is short or held everywhere (a shared system prompt) goes to the least loaded;
+of equally loaded ones, the earliest first token. A worker that lacks the prefix is priced as
+recomputing it, although the router then names the holder for a peer fetch: the slack is the most
+first-token time a move may cost, not what a fetch costs (bench/reports/routing-ttft/README.md
+measures both).
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def test_kv_cost_follows_the_settings():
     with pytest.raises(ValueError):
         RouterSettings(kv_cost="seconds")
     with pytest.raises(ValueError):
-        KvCost.from_settings(RouterSettings(cost_profile="no-such-profile"))
+        KvCost.from_settings(RouterSettings(kv_cost="ttft", cost_profile="no-such-profile"))
 
 
 def test_equally_loaded_near_workers_go_to_the_earliest_first_token():
