@@ -41,7 +41,6 @@ from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
 from services.worker.kv_wire import (
-    DEFAULT_CHUNK_BLOCKS,
     ChunkAssembler,
     TransferError,
     WireChunk,
@@ -132,12 +131,11 @@ async def serve_prefill(
     outputs = engine.generate(prefill_id, list(request.token_ids), sampling, keep_kv=True, on_step=blocks,
                               max_tokens_per_step=pull.prefill_chunk_tokens or prefill_chunk_tokens)  # fmt: skip
     prefill = asyncio.create_task(_last_output(outputs, queue))
-    chunk_blocks = pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS
     sent = 0
     released = False
     try:
         while (export := await queue.get()) is not None:
-            for chunk in export_to_chunks(export, export.first_block, chunk_blocks, pull.transfer_id,
+            for chunk in export_to_chunks(export, export.first_block, pull.chunk_blocks, pull.transfer_id,
                                           request.request_id, sent):  # fmt: skip
                 sent += 1
                 yield chunk
@@ -147,7 +145,7 @@ async def serve_prefill(
                               last.num_cached_tokens)  # fmt: skip
         rest = await engine.run(blocks.rest)
         released = True
-        chunks = closing_chunks(rest, rest.first_block, chunk_blocks, pull.transfer_id, request.request_id, sent)
+        chunks = closing_chunks(rest, rest.first_block, pull.chunk_blocks, pull.transfer_id, request.request_id, sent)
         final = chunks[-1].header
         final.cached_tokens = last.num_cached_tokens
         lp = (last.logprobs or [None])[0]

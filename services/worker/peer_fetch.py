@@ -22,7 +22,6 @@ from kvmesh_proto.v1 import transfer_pb2, worker_pb2
 from services.engine.async_engine import AsyncEngine
 from services.engine.kv_transfer import KvExport
 from services.worker.kv_wire import (
-    DEFAULT_CHUNK_BLOCKS,
     ChunkAssembler,
     TransferError,
     WireChunk,
@@ -99,5 +98,4 @@ async def serve_cached(engine: AsyncEngine, pull: transfer_pb2.PullBlocksRequest
     """The peer's side: the leading blocks of ``pull.block_hashes`` held here (any tier) from
     ``skip_blocks`` on, as chunks; the last chunk says how many tokens they cover."""
     export = await engine.run(lambda e: e.export_cached(list(pull.block_hashes), pull.skip_blocks))
-    return closing_chunks(export, export.first_block, pull.chunk_blocks or DEFAULT_CHUNK_BLOCKS, pull.transfer_id,
-                          pull.request_id)
+    return closing_chunks(export, export.first_block, pull.chunk_blocks, pull.transfer_id, pull.request_id)

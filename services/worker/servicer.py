@@ -178,7 +178,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         yield response
         if done:
             return
-        kv = await asyncio.to_thread(pulled.assembler.kv, tokens)  # one copy of the whole KV: off the event loop
+        kv = pulled.assembler.kv(tokens)  # no copy: each chunk went into place as it arrived (expected_blocks)
         try:
             async for response in self._local_outputs(request, sampling, started, kv=kv, kv_first_block=skip,
                                                       output_token_ids=[first.token_id]):  # fmt: skip

@@ -43,12 +43,9 @@ class TransferStreams:
         return self._shares.setdefault((transfer_id, index), _Share())
 
     async def deal(self, chunks: AsyncIterator[WireChunk], transfer_id: str, streams: int) -> AsyncIterator[WireChunk]:
-        """Stream 0's side: yields its own share of ``chunks`` and hands the others theirs."""
-        if streams <= 1:
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    yield chunk
-            return
+        """Stream 0's side: yields its own share of ``chunks`` and hands the others theirs (with
+        one stream, all of them are its own)."""
+        streams = max(streams, 1)
         shares = [self._share(transfer_id, index) for index in range(1, streams)]
         try:
             async with contextlib.aclosing(chunks):
@@ -61,7 +58,8 @@ class TransferStreams:
         finally:
             for share in shares:
                 share.chunks.put_nowait(None)
-            asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, streams)
+            if shares:
+                asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, streams)
 
     async def follow(self, transfer_id: str, index: int) -> AsyncIterator[WireChunk]:
         """Stream ``index``'s side (1..): the chunks dealt to it, until the transfer ends."""
