@@ -4,11 +4,13 @@
 SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, bf16, 16-token blocks) for a prompt of
 ``--tokens`` tokens and times, medians of ``--runs``:
 
-- serialize: ``export_to_chunks`` → ``encode_chunk`` → ``decode_chunk`` → ``ChunkAssembler`` →
-  ``kv()``, in one process (the message bytes gRPC would carry, no socket);
+- serialize: ``export_to_chunks`` → ``encode_chunk`` → ``decode_chunk`` → ``ChunkAssembler``
+  writing into reserved pool blocks, in one process (the message bytes gRPC would carry, no
+  socket);
 - grpc: the same chunks streamed by a ``KvTransfer.PullBlocks`` servicer in another process
-  over loopback to the real receiving side (``receive_into``, ``kv()``), over each of
-  ``--streams`` parallel stream counts (the worker's ``--transfer-streams``);
+  over loopback to the real receiving side (``receive_into`` writing into blocks reserved in a
+  KV pool, as a decode worker does), over each of ``--streams`` parallel stream counts (the
+  worker's ``--transfer-streams``);
 - grpc raw bytes: the same encoded messages as opaque bytes on the same server and as many
   connections (no chunk work on either side): gRPC's own ceiling on this machine;
 - loopback: a raw TCP copy of the same bytes (``bench.serve.loopback_mb_per_s``), the ceiling.
@@ -34,7 +36,7 @@ import torch
 from bench.serve import loopback_mb_per_s
 from kvmesh.grpc_service import CHANNEL_OPTIONS, mesh_channel
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
-from services.engine.kv_transfer import KvExport
+from services.engine.kv_transfer import KvExport, KvReservation
 from services.engine.loader import load_model_config
 from services.worker.kv_wire import (
     DEFAULT_CHUNK_BLOCKS,
@@ -71,19 +73,37 @@ def chunks_of(export: KvExport, chunk_blocks: int) -> list[WireChunk]:
     return chunks
 
 
-def receive(chunks, export: KvExport) -> KvExport:
-    """What the decode worker does with (chunk, data) pairs off the wire."""
-    assembler = ChunkAssembler(0, export.num_blocks)
-    for chunk, data in chunks:
-        assembler.add(chunk, data)
-    return assembler.kv(export.token_ids)
+class Pool:
+    """A decode worker's KV pool, twice the transfer's size, reused by every run (as a worker's
+    is); each run reserves a different scattered half of it, as a pool after some churn hands out."""
+
+    def __init__(self, export: KvExport) -> None:
+        self.export = export
+        shape = list(export.data.shape)
+        self.kv_cache = torch.zeros([*shape[:2], 2 * shape[2], *shape[3:]], dtype=export.data.dtype)
+        self.runs = 0
+
+    def reserve(self) -> KvReservation:
+        self.runs += 1
+        order = torch.randperm(self.kv_cache.shape[2], generator=torch.Generator().manual_seed(self.runs))
+        block_ids = order[: self.export.num_blocks].tolist()
+        return KvReservation("bench", 0, block_ids, self.export.num_tokens, self.kv_cache)
+
+    def check(self, reservation: KvReservation) -> None:
+        placed = self.kv_cache[:, :, reservation.block_ids]
+        assert torch.equal(placed.view(torch.uint8), self.export.data.view(torch.uint8)), "placement is not bit-exact"
 
 
-def time_serialize(export: KvExport, chunk_blocks: int) -> float:
+def time_serialize(pool: Pool, chunk_blocks: int) -> float:
+    """What the decode worker does with the messages, without gRPC: decode, check, place."""
+    reservation = pool.reserve()
     start = time.perf_counter()
-    kv = receive((decode_chunk(encode_chunk(chunk)) for chunk in chunks_of(export, chunk_blocks)), export)
+    assembler = ChunkAssembler(0, reservation)
+    for chunk in chunks_of(pool.export, chunk_blocks):
+        assembler.add(*decode_chunk(encode_chunk(chunk)))
+    assembler.check_complete()
     seconds = time.perf_counter() - start
-    assert torch.equal(kv.data.view(torch.uint8), export.data.view(torch.uint8)), "reassembly is not bit-exact"
+    pool.check(reservation)
     return seconds
 
 
@@ -130,15 +150,15 @@ def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) ->
     asyncio.run(run())
 
 
-async def _pull_once(address: str, export: KvExport, streams: int) -> float:
-    """One pull as the decode worker makes it (``receive_into``: its streams, its checks)."""
-    assembler = ChunkAssembler(0, export.num_blocks)  # as a decode worker, which knows the prompt's length
+async def _pull_once(address: str, pool: Pool, streams: int) -> float:
+    """One pull as the decode worker makes it (``receive_into``: its streams, its checks, into
+    reserved pool blocks)."""
+    reservation = pool.reserve()
     start = time.perf_counter()
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=streams)
-    await receive_into(assembler, address, pull, timeout_s=60)
-    kv = assembler.kv(export.token_ids)
+    await receive_into(ChunkAssembler(0, reservation), address, pull, timeout_s=60)
     seconds = time.perf_counter() - start
-    assert torch.equal(kv.data.view(torch.uint8), export.data.view(torch.uint8)), "reassembly is not bit-exact"
+    pool.check(reservation)
     return seconds
 
 
@@ -156,20 +176,20 @@ async def _raw_once(address: str, streams: int) -> float:
     return time.perf_counter() - start
 
 
-def time_grpc(export: KvExport, chunk_blocks: int, runs: int, streams: list[int]) -> dict[int, tuple[list, list]]:
+def time_grpc(pool: Pool, chunk_blocks: int, runs: int, streams: list[int]) -> dict[int, tuple[list, list]]:
     """Per stream count: (PullBlocks seconds, raw-bytes seconds) per run, interleaved."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(export, chunk_blocks, ports), daemon=True)
+    server = ctx.Process(target=_serve, args=(pool.export, chunk_blocks, ports), daemon=True)
     server.start()
     try:
         address = f"127.0.0.1:{ports.get(timeout=60)}"
         times: dict[int, tuple[list, list]] = {count: ([], []) for count in streams}
         for count in streams:
-            asyncio.run(_pull_once(address, export, count))  # warm-up: channels, first-call costs
+            asyncio.run(_pull_once(address, pool, count))  # warm-up: channels, first-call costs, the pool's pages
         for _ in range(runs):
             for count in streams:
-                times[count][0].append(asyncio.run(_pull_once(address, export, count)))
+                times[count][0].append(asyncio.run(_pull_once(address, pool, count)))
                 times[count][1].append(asyncio.run(_raw_once(address, count)))
         return times
     finally:
@@ -183,8 +203,9 @@ def measure(model: str, tokens: int, chunk_blocks: int, runs: int, streams: list
     size = export.data.numel() * export.data.element_size()
     loadavg_start = os.getloadavg()[0]
     loopback = [loopback_mb_per_s(size, repeats=runs)]
-    serialize = statistics.median(time_serialize(export, chunk_blocks) for _ in range(runs))
-    times = time_grpc(export, chunk_blocks, runs, streams)
+    pool = Pool(export)
+    serialize = statistics.median(time_serialize(pool, chunk_blocks) for _ in range(runs))
+    times = time_grpc(pool, chunk_blocks, runs, streams)
     loopback.append(loopback_mb_per_s(size, repeats=runs))
     loopback_rate = statistics.mean(loopback)  # before and after the gRPC runs
 

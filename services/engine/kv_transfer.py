@@ -3,6 +3,8 @@
 ``KvExport.data`` is ``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``, exactly
 ``kvmesh.v1.KvBlockChunk``'s layout; a worker slices it by layers/blocks into chunks and ships
 ``tensor_pieces`` of each (little-endian raw bytes, never pickle) without copying them first.
+A receiver that knows what is coming holds pool blocks for it first (``KvReservation``) and
+writes each chunk's bytes straight into them (``place_blocks``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,35 @@ class KvExport:
         return self.data.shape[2]
 
 
+@dataclass
+class KvReservation:
+    """Pool blocks held for a sequence whose KV is being computed elsewhere (``Engine.reserve_kv``):
+    blocks ``first_block..`` of the sequence are ``block_ids``, unnamed (nobody can match or read
+    them) and owned by the reservation until the engine starts the sequence or releases them.
+
+    Written from the transfer's threads while the engine steps other sequences: the blocks are
+    nobody else's, and on a GPU the writes queue on the same stream as the engine's work."""
+
+    request_id: str
+    first_block: int
+    block_ids: list[int]
+    num_tokens: int
+    kv_cache: torch.Tensor
+
+    @property
+    def dtype(self) -> str:
+        return str(self.kv_cache.dtype).removeprefix("torch.")
+
+    def block_shape(self, blocks: int) -> list[int]:
+        """The ``[layers, 2, blocks, ...]`` shape of ``blocks`` blocks of this pool."""
+        shape = list(self.kv_cache.shape)
+        return [*shape[:2], blocks, *shape[3:]]
+
+    def write(self, offset: int, blocks: int, data: bytes | memoryview) -> None:
+        """Blocks ``first_block + offset ..`` (``blocks`` of them) from their raw bytes."""
+        place_blocks(self.kv_cache, self.block_ids[offset : offset + blocks], data)
+
+
 def read_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """Copy the given pool blocks out to a CPU tensor [layers, 2, len(block_ids), ...].
 
@@ -68,6 +99,30 @@ def write_blocks(kv_cache: torch.Tensor, block_ids: list[int], data: torch.Tenso
     kv_cache.index_copy_(2, index, data.to(device=kv_cache.device, dtype=kv_cache.dtype, non_blocking=True))
 
 
+def place_blocks(kv_cache: torch.Tensor, block_ids: list[int], data: bytes | memoryview) -> None:
+    """Pool blocks ``block_ids`` from the raw bytes of ``[layers, 2, len(block_ids), ...]``.
+
+    On CPU one copy, straight from the received bytes into the pool (memory the worker already
+    touched: a fresh tensor per transfer cost more in page faults than the copy itself); on a
+    GPU through a pinned staging tensor, then one upload."""
+    shape = [*kv_cache.shape[:2], len(block_ids), *kv_cache.shape[3:]]
+    if kv_cache.is_cuda:
+        staging = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=True)
+        _copy_bytes(staging, data)
+        write_blocks(kv_cache, block_ids, staging)
+        return
+    rows = kv_cache.view(torch.uint8).numpy().reshape(shape[0] * shape[1], kv_cache.shape[2], -1)
+    src = np.frombuffer(data, dtype=np.uint8)
+    if src.size != rows.shape[0] * len(block_ids) * rows.shape[2]:
+        raise ValueError(f"{src.size} bytes do not fill {len(block_ids)} blocks of this pool")
+    src = src.reshape(rows.shape[0], len(block_ids), rows.shape[2])
+    first = block_ids[0] if block_ids else 0
+    if block_ids == list(range(first, first + len(block_ids))):
+        rows[:, first : first + len(block_ids)] = src  # a run of blocks: slices, no index arrays
+    else:
+        rows[:, block_ids] = src
+
+
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
     """Little-endian raw bytes of a tensor (any dtype, bfloat16 included), in one copy: a slice
     of blocks out of ``[layers, 2, blocks, ...]`` is gathered straight from its contiguous rows
@@ -93,12 +148,17 @@ def _contiguous_pieces(t: torch.Tensor) -> list[torch.Tensor]:
 def tensor_from_bytes(data: bytes | memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
     """A tensor holding a copy of raw little-endian bytes (any buffer, read-only ones too)."""
     out = torch.empty(shape, dtype=dtype_of(dtype))
+    _copy_bytes(out, data)
+    return out
+
+
+def _copy_bytes(out: torch.Tensor, data: bytes | memoryview) -> None:
+    """Fill a contiguous CPU tensor with raw bytes, in one copy."""
     dst = out.view(torch.uint8).numpy() if out.dim() else out.reshape(1).view(torch.uint8).numpy()
     src = np.frombuffer(data, dtype=np.uint8)
     if src.size != dst.size:
-        raise ValueError(f"{src.size} bytes do not fill a {dtype} tensor of shape {list(shape)}")
+        raise ValueError(f"{src.size} bytes do not fill a {out.dtype} tensor of shape {list(out.shape)}")
     dst[...] = src.reshape(dst.shape)
-    return out
 
 
 def dtype_of(name: str) -> torch.dtype:

@@ -19,7 +19,7 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.kv_events import AllCleared, BlockStored, KvEvent, KvEventCallback
 from services.engine.kv_tiers import TIER_DISK, TIER_HOST, LowerTiers
-from services.engine.kv_transfer import KvExport, read_blocks, write_blocks
+from services.engine.kv_transfer import KvExport, KvReservation, read_blocks, write_blocks
 from services.engine.loader import load_model, load_model_config
 from services.engine.mock_runner import MockRunner
 from services.engine.model_runner import create_runner
@@ -88,6 +88,8 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.tiers)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Sequence] = {}
+        # Sequences whose prompt KV is on its way from another worker (``reserve_kv``).
+        self.reservations: dict[str, tuple[Sequence, KvReservation]] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -314,49 +316,97 @@ class Engine:
         ``kv.num_tokens`` tokens. ``kv`` may start at block ``kv_first_block`` when this pool
         already holds the blocks before it (they are reused, not sent). Raises NoFreeBlocksError
         when the pool cannot take it now, or when the blocks it was to reuse were evicted."""
-        if request_id in self.requests:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        ids = self.validate_request(prompt_token_ids, sampling)
-        outputs = list(output_token_ids)
-        tokens = ids + outputs
-        if any(not 0 <= t < self.vocab_size for t in outputs):
-            raise ValueError("unknown token id in output_token_ids")
-        if len(outputs) >= sampling.max_tokens or len(tokens) >= self.max_model_len:
-            raise ValueError("the request has no tokens left to generate")
-        if not 0 < kv.num_tokens < len(tokens) or kv.token_ids != tokens[: kv.num_tokens]:
+        self._check_continuation(prompt_token_ids, sampling, output_token_ids)
+        if not 0 < kv.num_tokens < len(prompt_token_ids) + len(output_token_ids) or kv.token_ids != (
+                list(prompt_token_ids) + list(output_token_ids))[: kv.num_tokens]:
             raise ValueError("the KV does not cover a strict prefix of the request's tokens")
         bs = self.config.block_size
         if kv_first_block < 0 or kv_first_block + kv.num_blocks != -(-kv.num_tokens // bs):
             raise ValueError(f"{kv_first_block} + {kv.num_blocks} KV blocks cannot hold {kv.num_tokens} tokens of {bs}")
-        seq = self._new_sequence(request_id, tokens, len(ids), sampling, keep_kv=False)
+        reservation = self._reserve(request_id, prompt_token_ids, sampling, kv.num_tokens, kv_first_block > 0)
+        try:
+            if reservation.first_block < kv_first_block:
+                raise NoFreeBlocksError(f"{kv_first_block - reservation.first_block} of the blocks to reuse "
+                                        "were evicted meanwhile")  # fmt: skip
+            # Blocks found here since the sender was asked are kept; only the rest is written.
+            write_blocks(self.runner.kv_cache, reservation.block_ids,
+                         kv.data[:, :, reservation.first_block - kv_first_block :])  # fmt: skip
+            self.start_reserved(request_id, kv.num_tokens, output_token_ids)
+        except (ValueError, NoFreeBlocksError):
+            self.release_reservation(request_id)
+            raise
+
+    def reserve_kv(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams) -> KvReservation:
+        """Hold pool blocks for the KV of a prompt another worker is about to compute, so that
+        its bytes go straight into place as they arrive (``KvReservation.write``). The leading
+        blocks this pool already holds are reused (the reservation starts after them); the rest
+        stay unnamed until ``start_reserved``. Raises NoFreeBlocksError when the pool cannot
+        hold the prompt now. The caller must end it with ``start_reserved`` or
+        ``release_reservation``."""
+        self._check_continuation(prompt_token_ids, sampling, ())
+        return self._reserve(request_id, prompt_token_ids, sampling, len(prompt_token_ids), True)
+
+    def _check_continuation(self, prompt_token_ids: Seq[int], sampling: SamplingParams,
+                            output_token_ids: Seq[int]) -> None:  # fmt: skip
+        ids = self.validate_request(prompt_token_ids, sampling)
+        outputs = list(output_token_ids)
+        if any(not 0 <= t < self.vocab_size for t in outputs):
+            raise ValueError("unknown token id in output_token_ids")
+        if len(outputs) >= sampling.max_tokens or len(ids) + len(outputs) >= self.max_model_len:
+            raise ValueError("the request has no tokens left to generate")
+
+    def _reserve(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams, num_tokens: int,
+                 reuse: bool) -> KvReservation:  # fmt: skip
+        if request_id in self.requests or request_id in self.reservations:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        ids = list(prompt_token_ids)
+        seq = self._new_sequence(request_id, ids, len(ids), sampling, keep_kv=False)
         seq.admitted = True  # its prompt was computed elsewhere: no local prefix hit to count
-        reused = 0
-        if kv_first_block:
+        if reuse:
             promotion = self.blocks.match_prefix(seq)
             if promotion is not None:  # the reused blocks came back from disk: wanted now
                 self.blocks.finish_promotion(seq, promotion)
-            reused = len(seq.block_table)
-            if reused < kv_first_block:
-                self.blocks.free(seq)
-                raise NoFreeBlocksError(f"{kv_first_block - reused} of the blocks to reuse were evicted meanwhile")
-        if not self.blocks.allocate(seq, kv.num_tokens - reused * bs):
+        reused = len(seq.block_table)
+        bs = self.config.block_size
+        if not self.blocks.allocate(seq, num_tokens - reused * bs):
             self.blocks.free(seq)
+            self._flush_events()
             raise NoFreeBlocksError(f"the pool has {self.blocks.num_free} free blocks; "
-                                    f"{kv.num_blocks} are needed")
-        try:
-            # Blocks found here since the sender was asked are kept; only the rest is written.
-            write_blocks(self.runner.kv_cache, seq.block_table[reused:], kv.data[:, :, reused - kv_first_block:])
-        except ValueError:
-            self.blocks.free(seq)
-            raise
+                                    f"{-(-num_tokens // bs) - reused} are needed")  # fmt: skip
+        seq.num_computed_tokens = reused * bs
+        reservation = KvReservation(request_id, reused, seq.block_table[reused:], num_tokens, self.runner.kv_cache)
+        self.reservations[request_id] = (seq, reservation)
+        self._flush_events()
+        return reservation
+
+    def start_reserved(self, request_id: str, num_tokens: int, output_token_ids: Seq[int] = ()) -> None:
+        """Start decoding a reserved sequence whose blocks now hold the KV of its first
+        ``num_tokens`` tokens (the prompt), after the tokens generated elsewhere
+        (``output_token_ids``); its blocks are named now, not before."""
+        seq, reservation = self.reservations[request_id]
+        outputs = list(output_token_ids)
+        self._check_continuation(seq.token_ids, seq.sampling, outputs)
+        if num_tokens != reservation.num_tokens:
+            raise ValueError(f"the KV covers {num_tokens} tokens; {reservation.num_tokens} were reserved")
+        del self.reservations[request_id]
+        seq.token_ids += outputs
         if seq.detokenizer is not None and outputs:
             seq.detokenizer.add(outputs)
             seq.num_text_sent = len(seq.detokenizer.text)
-        seq.num_computed_tokens = kv.num_tokens
+        seq.num_computed_tokens = num_tokens
         self.blocks.commit(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         self._flush_events()
+
+    def release_reservation(self, request_id: str) -> bool:
+        """Free a reservation's blocks (its transfer failed); False if there was none."""
+        held = self.reservations.pop(request_id, None)
+        if held is None:
+            return False
+        self.blocks.free(held[0])
+        self._flush_events()
+        return True
 
     # --- KV events --------------------------------------------------------------------------
     def set_kv_event_callback(self, callback: KvEventCallback | None) -> None:

@@ -6,8 +6,11 @@ worker which leading blocks it already holds (``skip_blocks``), and the prefill 
 computes the prompt and the first token and streams back only the missing blocks on the
 same call. Pull keeps one owner for the request's life (the decode worker, whose memory
 the blocks land in), needs no transfer ids or rendezvous between two calls, gives
-backpressure for free, and makes failure simple: nothing is imported until the last chunk
-has arrived and checked out, so a broken, corrupt or timed-out stream leaves nothing behind.
+backpressure for free, and makes failure simple. Before pulling, the decode worker reserves
+pool blocks for the prompt (``Engine.reserve_kv``) and each chunk is written straight into
+them as it arrives; they are named (matchable) only once the last chunk has arrived and
+checked out, and freed when no pull succeeds, so a broken, corrupt or timed-out stream
+leaves nothing behind.
 
 Retry: the router names the chosen prefill worker and, best first, the other prefill workers
 it could have chosen. A failed pull (worker gone, corrupt chunk, timeout) moves to the next
@@ -36,7 +39,7 @@ from opentelemetry import trace
 
 from kvmesh_proto.v1 import common_pb2, transfer_pb2, worker_pb2
 from services.engine.async_engine import AsyncEngine, EngineDeadError
-from services.engine.kv_transfer import KvExport
+from services.engine.kv_transfer import KvExport, KvReservation
 from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
@@ -164,17 +167,16 @@ async def serve_prefill(
 
 
 async def pull_prefill(
-    prefill_address: str, request: worker_pb2.WorkerGenerateRequest, skip_blocks: int, timeout_s: float,
-    prefill_chunk_tokens: int = 0, streams: int = 1, block_size: int = 0,
+    prefill_address: str, request: worker_pb2.WorkerGenerateRequest, into: KvReservation, timeout_s: float,
+    prefill_chunk_tokens: int = 0, streams: int = 1,
 ) -> PulledPrefill:
     """The decode worker's side: ask the prefill worker for the prompt's KV and first token
-    (over ``streams`` parallel streams; with the pool's ``block_size`` known, each chunk goes
-    into place as it arrives)."""
+    (over ``streams`` parallel streams), each chunk written into the reserved pool blocks as
+    it arrives; the blocks the reservation reuses are not asked for."""
     started = time.monotonic()
-    expected_blocks = -(-len(request.token_ids) // block_size) - skip_blocks if block_size else 0
-    assembler = ChunkAssembler(skip_blocks, max(expected_blocks, 0))
+    assembler = ChunkAssembler(into.first_block, into)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
-                                          request=request, skip_blocks=skip_blocks,
+                                          request=request, skip_blocks=into.first_block,
                                           prefill_chunk_tokens=prefill_chunk_tokens, streams=streams)  # fmt: skip
     first_chunk_at, first_chunk_bytes = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
@@ -184,17 +186,19 @@ async def pull_prefill(
 
 
 async def pull_with_retries(
-    prefill_addresses: list[str], request: worker_pb2.WorkerGenerateRequest, skip_blocks: int, timeout_s: float,
-    stats: TransferStats, streams: int = 1, block_size: int = 0,
+    prefill_addresses: list[str], request: worker_pb2.WorkerGenerateRequest, into: KvReservation, timeout_s: float,
+    stats: TransferStats, streams: int = 1,
 ) -> PulledPrefill | None:
     """Pull from the first prefill worker that delivers (see the module doc); None when none
-    did and the caller must prefill locally."""
+    did and the caller must prefill locally. A failed pull may have written some of the
+    reserved blocks: the next one writes them all again, and none is named before the last
+    pull checked out."""
     pending = list(prefill_addresses)
     retried_same = False
     while pending:
         address = pending.pop(0)
         try:
-            return await pull_prefill(address, request, skip_blocks, timeout_s, streams=streams, block_size=block_size)
+            return await pull_prefill(address, request, into, timeout_s, streams=streams)
         except (grpc.aio.AioRpcError, TransferError) as exc:
             if not pending and isinstance(exc, TransferError) and not retried_same:
                 pending.append(address)

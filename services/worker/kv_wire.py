@@ -7,9 +7,11 @@ does not add up is refused before a single byte reaches its KV pool.
 
 Copies, because on CPU they (and the page faults of fresh buffers) are what a transfer costs:
 the sender gathers the tensor's rows straight into the gRPC message (``WireChunk.encode``), the
-receiver reads ``data`` as a view of gRPC's message bytes (``decode_chunk``) and copies it once
-into the tensor it imports (``ChunkAssembler.kv``). The bytes on the wire are plain
-``KvBlockChunk`` protobuf either way; each chunk is checksummed once, over its whole payload.
+receiver reads ``data`` as a view of gRPC's message bytes (``decode_chunk``) and copies it once,
+straight into the pool blocks the decode worker reserved for it (``KvReservation.write``; a
+peer fetch, which cannot know its size up front, copies into the tensor ``ChunkAssembler.kv``
+returns). The bytes on the wire are plain ``KvBlockChunk`` protobuf either way; each chunk is
+checksummed once, over its whole payload.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 import xxhash
 from google.protobuf.message import DecodeError
@@ -32,7 +33,7 @@ from google.protobuf.message import DecodeError
 from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
-from services.engine.kv_transfer import KvExport, dtype_of, tensor_pieces
+from services.engine.kv_transfer import KvExport, KvReservation, dtype_of, place_blocks, tensor_pieces
 
 DEFAULT_CHUNK_BLOCKS = 8
 _SERVICE = transfer_pb2.DESCRIPTOR.services_by_name["KvTransfer"].full_name
@@ -229,10 +230,13 @@ async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_p
                 first.append((time.monotonic(), len(data)))
             await assembler.add_off_loop(chunk, data)
 
-    async with contextlib.AsyncExitStack() as stack:
-        channels = [await stack.enter_async_context(mesh_channel(address, own_connection=streams > 1))
-                    for _ in range(streams)]  # fmt: skip
-        await all_or_nothing([receive(index, channel) for index, channel in enumerate(channels)])
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(mesh_channel(address, own_connection=streams > 1))
+                        for _ in range(streams)]  # fmt: skip
+            await all_or_nothing([receive(index, channel) for index, channel in enumerate(channels)])
+    finally:
+        await assembler.settle()
     assembler.check_complete()
     return first[0] if first else (None, 0)
 
@@ -307,25 +311,25 @@ class ChunkAssembler:
     """Collects one transfer's chunks, checking each as it arrives.
 
     Chunks may come in any order (a transfer spread over several streams interleaves them);
-    ``kv()`` refuses a transfer whose blocks do not tile ``first_block..`` without a gap or an
-    overlap. With ``expected_blocks`` known (a disaggregated prefill: the prompt's length says
-    it), each chunk is copied into the tensor the engine imports as it arrives, off the event
-    loop, overlapping the rest of the transfer; otherwise (a peer fetch) a chunk's bytes are kept
-    as they came off the wire (a view into the gRPC message, see ``decode_chunk``) and copied
-    once, by ``kv()``. No per-chunk tensor, no ``torch.cat`` either way.
+    ``check_complete`` refuses a transfer whose blocks do not tile ``first_block..`` without a
+    gap or an overlap. With ``into`` (a disaggregated prefill: the decode worker reserved pool
+    blocks for the prompt before pulling), each chunk is written straight into those blocks as
+    it arrives, off the event loop, overlapping the rest of the transfer; otherwise (a peer
+    fetch) a chunk's bytes are kept as they came off the wire (a view into the gRPC message, see
+    ``decode_chunk``) and copied once, by ``kv()``.
     """
 
-    def __init__(self, first_block: int, expected_blocks: int = 0) -> None:
+    def __init__(self, first_block: int, into: KvReservation | None = None) -> None:
         self.first_block = first_block
-        self.expected_blocks = expected_blocks
+        self.into = into
         self.blocks_received = 0
-        # first block → (blocks, their bytes unless already placed in ``data``, their hashes)
+        # first block → (blocks, their bytes unless already written ``into`` the pool, their hashes)
         self.parts: dict[int, tuple[int, bytes | memoryview | None, list[int]]] = {}
         self.shape: list[int] | None = None  # of the blocks received so far
         self.dtype = ""
-        self.data: torch.Tensor | None = None  # the destination, once the first chunk said its layout
         self.bytes_received = 0
         self.last: transfer_pb2.KvBlockChunk | None = None
+        self._writing: set[asyncio.Future] = set()
 
     def add(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview | None = None) -> None:
         """Check and keep ``chunk``; ``data`` stands for ``chunk.data`` when the bytes were
@@ -334,15 +338,29 @@ class ChunkAssembler:
         self.verify(chunk, data)
         placement = self.keep(chunk, data)
         if placement is not None:
-            self.place(*placement)
+            self.into.write(*placement)
 
     async def add_off_loop(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> None:
-        """``add`` with the checksum and the copy in a worker thread (both release the GIL), so
-        the event loop reads the next chunks meanwhile. Bookkeeping stays on the loop."""
-        await asyncio.to_thread(self.verify, chunk, data)
+        """``add`` with the checksum and the copy in one trip to a worker thread (both release
+        the GIL), so the event loop reads the next chunks meanwhile. Bookkeeping stays on the
+        loop, before: a chunk that fails its checksum fails the whole transfer anyway."""
         placement = self.keep(chunk, data)
+        work = asyncio.get_running_loop().run_in_executor(None, self._verify_and_write, chunk, data, placement)
+        self._writing.add(work)
+        work.add_done_callback(self._writing.discard)
+        await work
+
+    def _verify_and_write(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview,
+                          placement: tuple[int, int, memoryview] | None) -> None:  # fmt: skip
+        self.verify(chunk, data)
         if placement is not None:
-            await asyncio.to_thread(self.place, *placement)
+            self.into.write(*placement)
+
+    async def settle(self) -> None:
+        """Wait for the checks and writes still running in threads. A cancelled transfer's
+        threads run on: its reserved blocks must not be freed (and reused) under them."""
+        while self._writing:
+            await asyncio.wait(list(self._writing))
 
     @staticmethod
     def verify(chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> None:
@@ -350,7 +368,7 @@ class ChunkAssembler:
             raise TransferError(f"chunk {chunk.chunk_index} of {chunk.request_id}: checksum mismatch")
 
     def keep(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> tuple[int, int, memoryview] | None:
-        """Record a verified chunk; returns what ``place`` must copy into ``data`` (None: nothing)."""
+        """Record a verified chunk; returns what to write ``into`` the pool (None: nothing)."""
         indices = list(chunk.block_indices)
         placement = None
         if indices:
@@ -358,13 +376,11 @@ class ChunkAssembler:
             if start < self.first_block or start in self.parts or indices != list(range(start, start + len(indices))):
                 raise TransferError(f"chunk {chunk.chunk_index}: blocks {indices[:3]}… are not a new run of blocks "
                                     f"from {self.first_block} on")  # fmt: skip
-            if self.expected_blocks and start + len(indices) > self.first_block + self.expected_blocks:
-                raise TransferError(f"chunk {chunk.chunk_index}: blocks beyond the {self.expected_blocks} expected")
+            if self.into is not None and start + len(indices) > self.first_block + len(self.into.block_ids):
+                raise TransferError(f"chunk {chunk.chunk_index}: blocks beyond the {len(self.into.block_ids)} "
+                                    "reserved")  # fmt: skip
             self._check_layout(chunk, len(indices), len(data))
-            if self.expected_blocks and self.data is None:
-                self.data = torch.empty([*self.shape[:2], self.expected_blocks, *self.shape[3:]],
-                                        dtype=dtype_of(self.dtype))  # fmt: skip
-            placement = (start, len(indices), data) if self.data is not None else None
+            placement = (start - self.first_block, len(indices), data) if self.into is not None else None
             self.parts[start] = (len(indices), None if placement else data, list(chunk.block_hashes))
             self.blocks_received += len(indices)
         self.bytes_received += len(data)
@@ -374,12 +390,9 @@ class ChunkAssembler:
             self.last = chunk
         return placement
 
-    def place(self, start: int, blocks: int, data: bytes | memoryview) -> None:
-        """Copy blocks ``start..`` into ``self.data`` (bands of different chunks are disjoint)."""
-        _copy_band(self.data, start - self.first_block, blocks, data)
-
     def _check_layout(self, chunk: transfer_pb2.KvBlockChunk, blocks: int, size: int) -> None:
-        """Shape, dtype and size agree with the block count and with the chunks before."""
+        """Shape, dtype and size agree with the block count, with the chunks before and with
+        the pool blocks they go into."""
         shape = list(chunk.shape)
         if len(shape) != 6 or shape[2] != blocks:
             raise TransferError(f"chunk {chunk.chunk_index}: shape {shape} does not match {blocks} blocks")
@@ -389,6 +402,9 @@ class ChunkAssembler:
             raise TransferError(f"chunk {chunk.chunk_index}: {exc}") from exc
         if size != math.prod(shape) * itemsize:
             raise TransferError(f"chunk {chunk.chunk_index}: {size} bytes do not fill {chunk.dtype} {shape}")
+        if self.into is not None and (shape != self.into.block_shape(blocks) or chunk.dtype != self.into.dtype):
+            raise TransferError(f"chunk {chunk.chunk_index}: {chunk.dtype} {shape} does not fit this pool's "
+                                f"{self.into.dtype} {self.into.block_shape(blocks)}")  # fmt: skip
         if self.shape is None:
             self.shape, self.dtype = shape, chunk.dtype
         elif shape[:2] + shape[3:] != self.shape[:2] + self.shape[3:] or chunk.dtype != self.dtype:
@@ -398,7 +414,8 @@ class ChunkAssembler:
             self.shape[2] += blocks
 
     def check_complete(self) -> list[tuple[int, bytes | memoryview, list[int]]]:
-        """The parts by block, checked to tile ``first_block..`` and to end with the last chunk's."""
+        """The parts by block, checked to tile ``first_block..``, to end with the last chunk's
+        and, ``into`` a reservation, to fill it."""
         if self.last is None:
             raise TransferError("the transfer ended before its last chunk")
         expected = self.first_block
@@ -409,30 +426,24 @@ class ChunkAssembler:
         last_blocks = list(self.last.block_indices)
         if last_blocks and last_blocks[-1] + 1 != expected:
             raise TransferError(f"blocks {last_blocks[-1] + 1}..{expected - 1} came after the last chunk's")
+        if self.into is not None and (self.blocks_received, self.last.num_tokens) != (
+                len(self.into.block_ids), self.into.num_tokens):
+            raise TransferError(f"{self.blocks_received} blocks of {self.last.num_tokens} tokens came for the "
+                                f"{len(self.into.block_ids)} blocks of {self.into.num_tokens} reserved")  # fmt: skip
         return [self.parts[start] for start in sorted(self.parts)]
 
     def kv(self, token_ids: list[int]) -> KvExport:
-        """The received blocks as an export of blocks ``first_block..`` of ``token_ids``."""
+        """The received blocks (kept, not written ``into`` a pool) as an export of blocks
+        ``first_block..`` of ``token_ids``."""
+        assert self.into is None, "the blocks went into the pool"
         parts = self.check_complete()
         num_tokens = self.last.num_tokens
         data = torch.empty(0)
-        if self.data is not None:
-            data = self.data if self.blocks_received == self.expected_blocks else (
-                self.data[:, :, : self.blocks_received].contiguous())  # fmt: skip
-        elif self.shape is not None:
+        if self.shape is not None:
             data = torch.empty(self.shape, dtype=dtype_of(self.dtype))
             start = 0
             for blocks, part, _ in parts:
-                _copy_band(data, start, blocks, part)
+                place_blocks(data, list(range(start, start + blocks)), part)
                 start += blocks
         block_hashes = [block_hash for _, _, hashes in parts for block_hash in hashes]
         return KvExport(list(token_ids[:num_tokens]), num_tokens, block_hashes, data, self.first_block)
-
-
-def _copy_band(data: torch.Tensor, first: int, blocks: int, part: bytes | memoryview) -> None:
-    """Blocks ``first..first+blocks`` of ``data`` ([layers, 2, blocks, ...]) from a chunk's bytes:
-    one contiguous run per (layer, K/V) row."""
-    rows = data.view(torch.uint8).numpy().reshape(data.shape[0] * data.shape[1], -1)
-    block_bytes = rows.shape[1] // data.shape[2]
-    band = rows[:, first * block_bytes : (first + blocks) * block_bytes]
-    band[...] = np.frombuffer(part, dtype=np.uint8).reshape(band.shape)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +20,8 @@ import grpc
 from kvmesh.config import WORKER_ROLES
 from kvmesh.grpc_service import cancelled_from_outside
 from kvmesh_proto.v1 import worker_pb2, worker_pb2_grpc
-from services.engine.async_engine import AsyncEngine, RequestEvicted
+from services.engine.async_engine import AsyncEngine, EngineDeadError, RequestEvicted
+from services.engine.kv_transfer import KvReservation
 from services.engine.llm_engine import NoFreeBlocksError
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import output_to_proto, sampling_from_proto
@@ -146,62 +146,64 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, prefill_addresses: list[str],
         started: float, trace: WorkerRequestTrace,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        """Pull the prompt's KV and first token from a prefill worker, then decode here; when no
-        pull succeeds (see ``pull_with_retries``), prefill locally."""
-        tokens = list(request.token_ids)
-        skip = await self.engine.run(lambda e: e.cached_prefix_blocks(tokens))
-        with trace.kv_transfer() as span:
-            pulled = await self._pull(request, skip, prefill_addresses)
-            if pulled is not None:
-                trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.blocks_received,
-                                  pulled.seconds, pulled.transfer_seconds)  # fmt: skip
-        if pulled is None:
-            trace.path = "fallback"
-            async for response in self._local_outputs(request, sampling, started):
-                yield response
-            return
-        received = pulled.assembler
-        log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were already "
-                 "here", received.blocks_received, received.bytes_received, request.request_id,
-                 pulled.prefill_address, pulled.seconds, pulled.transfer_seconds, skip)  # fmt: skip
-        first = pulled.first_token
-        eos = first.token_id in self.engine.engine.eos_token_ids and not sampling.ignore_eos
-        done = "stop" if eos or first.token_id in sampling.stop_token_ids else (
-            "length" if sampling.max_tokens <= 1 else "")  # fmt: skip
-        response = worker_pb2.WorkerGenerateResponse(
-            request_id=request.request_id, token_ids=[first.token_id], finish_reason=done,
-            cached_tokens=pulled.cached_tokens, worker_time_s=time.monotonic() - started,
-            logprobs=[first] if sampling.logprobs else [],
-            timings=worker_pb2.WorkerTimings(prefill_s=pulled.seconds - pulled.transfer_seconds,
-                                             transfer_s=pulled.transfer_seconds),
-        )  # fmt: skip
-        yield response
-        if done:
-            return
-        kv = pulled.assembler.kv(tokens)  # no copy: each chunk went into place as it arrived (expected_blocks)
+        """Hold pool blocks for the prompt, pull its KV (straight into them) and first token from
+        a prefill worker, then decode here; when the pool cannot hold the prompt now or no pull
+        succeeds (see ``pull_with_retries``), prefill locally."""
+        request_id, tokens = request.request_id, list(request.token_ids)
         try:
-            async for response in self._local_outputs(request, sampling, started, kv=kv, kv_first_block=skip,
-                                                      output_token_ids=[first.token_id]):  # fmt: skip
-                yield response
-            return
-        except NoFreeBlocksError as exc:  # raised by the import, before any output of it
-            # The leading blocks it was to reuse were evicted during the pull, or the pool is
-            # full: compute here instead (queued like any request), continuing after the
-            # first token the client already has, as a migrated request would.
-            log.warning("could not import the KV of %s (%s); prefilling locally", request.request_id, exc)
-        trace.path = "fallback"
-        self.transfers.fell_back()
-        rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
-        async for response in self._local_outputs(request, rest, started, token_ids=[*tokens, first.token_id]):
-            yield response
+            reservation = await self.engine.run(lambda e: e.reserve_kv(request_id, tokens, sampling))
+        except NoFreeBlocksError as exc:
+            log.warning("no room to receive the KV of %s (%s); prefilling locally", request_id, exc)
+            self.transfers.fell_back()
+            reservation = None
+        try:
+            pulled = None
+            if reservation is not None:
+                with trace.kv_transfer() as span:
+                    pulled = await self._pull(request, reservation, prefill_addresses)
+                    if pulled is not None:
+                        trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.blocks_received,
+                                          pulled.seconds, pulled.transfer_seconds)  # fmt: skip
+            if pulled is None:
+                await self._release(request_id)  # its blocks make room for the local prefill
+                trace.path = "fallback"
+                async for response in self._local_outputs(request, sampling, started):
+                    yield response
+                return
+            received = pulled.assembler
+            log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were "
+                     "already here", received.blocks_received, received.bytes_received, request_id,
+                     pulled.prefill_address, pulled.seconds, pulled.transfer_seconds,
+                     reservation.first_block)  # fmt: skip
+            first = pulled.first_token
+            eos = first.token_id in self.engine.engine.eos_token_ids and not sampling.ignore_eos
+            done = "stop" if eos or first.token_id in sampling.stop_token_ids else (
+                "length" if sampling.max_tokens <= 1 else "")  # fmt: skip
+            yield worker_pb2.WorkerGenerateResponse(
+                request_id=request_id, token_ids=[first.token_id], finish_reason=done,
+                cached_tokens=pulled.cached_tokens, worker_time_s=time.monotonic() - started,
+                logprobs=[first] if sampling.logprobs else [],
+                timings=worker_pb2.WorkerTimings(prefill_s=pulled.seconds - pulled.transfer_seconds,
+                                                 transfer_s=pulled.transfer_seconds),
+            )  # fmt: skip
+            if not done:
+                async for response in self._local_outputs(request, sampling, started, kv=reservation,
+                                                          output_token_ids=[first.token_id]):  # fmt: skip
+                    yield response
+        finally:
+            await self._release(request_id)  # a no-op once decoding started (or if it never reserved)
 
-    async def _pull(self, request: worker_pb2.WorkerGenerateRequest, skip: int,
+    async def _release(self, request_id: str) -> None:
+        with contextlib.suppress(EngineDeadError):
+            await self.engine.run(lambda e: e.release_reservation(request_id))
+
+    async def _pull(self, request: worker_pb2.WorkerGenerateRequest, reservation: KvReservation,
                     prefill_addresses: list[str]) -> PulledPrefill | None:  # fmt: skip
         """``pull_with_retries`` as a task ``evict`` can cancel, which ends the request with RequestEvicted."""
         self._check_evicted(request.request_id)
-        pull = asyncio.ensure_future(pull_with_retries(prefill_addresses, request, skip, self.transfer_timeout_s,
-                                                       self.transfers, self.transfer_streams,
-                                                       self.engine.engine.config.block_size))  # fmt: skip
+        pull = asyncio.ensure_future(pull_with_retries(prefill_addresses, request, reservation,
+                                                       self.transfer_timeout_s, self.transfers,
+                                                       self.transfer_streams))  # fmt: skip
         self._pulls[request.request_id] = pull
         try:
             return await pull

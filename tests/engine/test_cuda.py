@@ -131,6 +131,36 @@ def test_cuda_kv_export_import_between_gpu_engines():
     assert first + rest == alone.new_token_ids
 
 
+def test_cuda_reserved_blocks_take_chunks_written_from_other_threads():
+    """A decode worker on a GPU: the prompt's blocks reserved in the device pool, each chunk's
+    raw bytes written into them from a transfer thread while nothing syncs, then decoding
+    starts: the output is the one engine's alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.engine.kv_transfer import tensor_to_bytes
+
+    cfg = EngineConfig(model="random:smollm2-135m", device="cuda", dtype="bfloat16", num_kv_blocks=64, seed=5)
+    a, b = Engine(cfg), Engine(cfg)
+    prompt = RANDOM_PROMPTS[7]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    (alone,) = a.generate([prompt], sp)
+    a.reset_prefix_cache()
+    a.add_request("p", prompt, SamplingParams(temperature=0, max_tokens=1), keep_kv=True)
+    first = [t for out in a.step() for t in out.new_token_ids]
+    kv = a.export_kv("p")
+    b.generate([RANDOM_PROMPTS[6]], SamplingParams(temperature=0, max_tokens=3))  # blocks in use before
+    reservation = b.reserve_kv("d", prompt, sp)
+    chunks = [(start, min(2, kv.num_blocks - start)) for start in range(0, kv.num_blocks, 2)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda c: reservation.write(c[0], c[1], tensor_to_bytes(kv.data[:, :, c[0] : c[0] + c[1]])),
+                      reversed(chunks)))  # fmt: skip
+    b.start_reserved("d", kv.num_tokens, first)
+    rest = []
+    while b.has_unfinished():
+        rest += [t for out in b.step() for t in out.new_token_ids]
+    assert first + rest == alone.new_token_ids
+
+
 def test_cuda_bf16_throughput_and_pressure():
     engine = Engine(EngineConfig(model="random:smollm2-135m", device="cuda", dtype="bfloat16",
                                  max_num_seqs=256, max_num_batched_tokens=8192))

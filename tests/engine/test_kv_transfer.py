@@ -105,3 +105,45 @@ def test_a_prefill_in_capped_steps_exports_its_finished_blocks_as_it_goes(engine
     assert torch.equal(sent, whole.data)
     assert [h for p in [*pieces, rest] for h in p.block_hashes] == whole.block_hashes
     assert engine.stats().blocks_used == 0
+
+
+def test_a_reserved_import_is_written_in_place_and_named_only_when_started(engine: Engine, decode_engine: Engine,
+                                                                           tokenizer):  # fmt: skip
+    """What a decode worker does: reserve the prompt's blocks, write each chunk's bytes into
+    them as it arrives, then start decoding; the output is the local one."""
+    prompt = tokenizer.encode("Reserved blocks hold notes on amber rivers and slate towers. " * 3)
+    full = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    (local,) = engine.generate([prompt], full)
+    first, kv = prefill_and_export(engine, "prefill-reserved", prompt)
+    used = decode_engine.stats().blocks_used
+
+    reservation = decode_engine.reserve_kv("reserved", prompt, full)
+    assert (reservation.first_block, len(reservation.block_ids)) == (0, kv.num_blocks)
+    assert decode_engine.stats().blocks_used == used + kv.num_blocks
+    for start in reversed(range(0, kv.num_blocks, 3)):  # in chunks of 3 blocks, last first
+        stop = min(start + 3, kv.num_blocks)
+        reservation.write(start, stop - start, tensor_to_bytes(kv.data[:, :, start:stop]))
+        assert decode_engine.cached_prefix_blocks(prompt) == 0  # written, but nobody can match it yet
+    with pytest.raises(ValueError, match="covers"):
+        decode_engine.start_reserved("reserved", kv.num_tokens - 1, first)
+    decode_engine.start_reserved("reserved", kv.num_tokens, first)
+    assert decode_engine.cached_prefix_blocks(prompt) == (len(prompt) - 1) // 16
+    assert first + run_to_completion(decode_engine) == local.new_token_ids
+    assert decode_engine.stats().blocks_used == used
+
+
+def test_a_released_or_refused_reservation_holds_no_block(decode_engine: Engine, tokenizer):
+    prompt = tokenizer.encode("A prompt whose transfer fails halfway through its chunks.")
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    used = decode_engine.stats().blocks_used
+    decode_engine.reserve_kv("fails", prompt, sp)
+    with pytest.raises(ValueError, match="duplicate"):
+        decode_engine.reserve_kv("fails", prompt, sp)
+    assert decode_engine.release_reservation("fails") and not decode_engine.release_reservation("fails")
+    assert decode_engine.stats().blocks_used == used
+    long = (prompt * 100)[: 40 * 16]  # 40 of the pool's 64 blocks: two cannot be held at once
+    decode_engine.reserve_kv("long-1", long, sp)
+    with pytest.raises(NoFreeBlocksError):
+        decode_engine.reserve_kv("long-2", [t + 1 for t in long], sp)
+    decode_engine.release_reservation("long-1")
+    assert decode_engine.stats().blocks_used == used and not decode_engine.reservations

@@ -37,6 +37,7 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
         self.fault_stream, self.fault_at = 0, 1
         self.pulls = 0  # transfers (calls of their stream 0)
         self.calls = 0  # calls of any stream
+        self.skipped: list[int] = []  # each transfer's skip_blocks
         self.evict: AsyncEngine | None = None  # the engine whose cache an "evict" fault empties
 
     async def PullBlocks(
@@ -45,6 +46,8 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
         fault = self.faults.pop(0) if self.faults and request.stream_index == self.fault_stream else ""
         self.pulls += not request.stream_index
         self.calls += 1
+        if not request.stream_index:
+            self.skipped.append(request.skip_blocks)
         async with mesh_channel(self.target) as channel:
             index = 0
             async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(request):
@@ -55,7 +58,7 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker went away mid-transfer")
                 elif at and fault == "stall":
                     await asyncio.Event().wait()  # until the decode worker's deadline cancels the call
-                elif at and fault == "evict":  # the receiver's reusable blocks vanish mid-pull
+                elif at and fault == "evict":  # the receiver's cache is emptied mid-pull
                     await self.evict.run(lambda e: e.reset_prefix_cache())
                 index += 1
                 yield chunk
@@ -204,17 +207,18 @@ async def test_a_stalled_transfer_times_out_and_nothing_of_it_is_imported(
     await assert_no_blocks_held(prefill_engine, decode_engine)
 
 
-async def test_blocks_evicted_during_the_pull_are_prefilled_locally(workers, engine, tokenizer, prefill_engine,
-                                                                    decode_engine):  # fmt: skip
+async def test_the_blocks_a_pull_skips_are_held_until_it_is_done(workers, engine, tokenizer, prefill_engine,
+                                                                  decode_engine):  # fmt: skip
+    """The decode worker reserves its cached prefix with the blocks it pulls into: emptying its
+    cache mid-pull cannot take them (the import used to find them gone and prefill locally)."""
     first_turn = prompt_ids(tokenizer, "harbour")
     assert await decode(workers, first_turn, "evict-1") == expected(engine, first_turn)
-    # The next turn shares the first's blocks, now cached on the decode worker: the pull skips
-    # them, and the fault evicts them before the import can reuse them.
     second_turn = first_turn + tokenizer.encode(" And what of the ships moored there?")
     before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
     workers.proxy.faults = ["evict"]
     assert await decode(workers, second_turn, "evict-2") == expected(engine, second_turn)
-    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0], before[1] + 1)
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
+    assert workers.proxy.skipped[-1] == len(first_turn) // decode_engine.engine.config.block_size
     await assert_no_blocks_held(prefill_engine, decode_engine)
 
 

@@ -8,7 +8,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from kvmesh_proto.v1 import transfer_pb2, worker_pb2
-from services.engine.kv_transfer import KvExport
+from services.engine.kv_transfer import KvExport, KvReservation
 from services.worker.disagg import pull_prefill
 from services.worker.kv_wire import (
     ChunkAssembler,
@@ -26,6 +26,16 @@ def sample_export(dtype: torch.dtype = torch.bfloat16) -> KvExport:
     data = torch.randn(LAYERS, 2, BLOCKS, BLOCK_SIZE, HEADS, DIM).to(dtype)
     tokens = list(range(BLOCKS * BLOCK_SIZE - 5))
     return KvExport(tokens, len(tokens), [1000 + i for i in range(BLOCKS - 1)] + [0], data)
+
+
+def reserved(export: KvExport, block_ids: list[int], first_block: int = 0) -> KvReservation:
+    """Blocks ``block_ids`` of a pool of the export's layout (twice its size), reserved for it."""
+    shape = list(export.data.shape)
+    pool = torch.zeros([*shape[:2], 2 * BLOCKS, *shape[3:]], dtype=export.data.dtype)
+    return KvReservation("r1", first_block, block_ids, export.num_tokens, pool)
+
+
+SCATTERED = [9, 2, 13, 4, 0, 11, 6]  # a pool after some churn hands out blocks in no order
 
 
 def finish(chunks: list[WireChunk], export: KvExport) -> list[tuple[transfer_pb2.KvBlockChunk, memoryview]]:
@@ -59,17 +69,41 @@ def test_a_corrupted_chunk_is_refused():
         assembler.add(header, bytes([data[0] ^ 0xFF]) + bytes(data[1:]))
 
 
-@pytest.mark.parametrize("expected_blocks", [0, BLOCKS], ids=["kept-then-copied", "placed-on-arrival"])
-def test_chunks_in_any_order_reassemble_bit_exactly(expected_blocks):
+@pytest.mark.parametrize("into", [None, SCATTERED], ids=["kept-then-copied", "into-reserved-blocks"])
+def test_chunks_in_any_order_reassemble_bit_exactly(into):
     """A transfer spread over several streams interleaves its chunks; the last one may come first."""
     export = sample_export()
     chunks = finish(list(export_to_chunks(export, 0, 2, "t1", "r1")), export)
-    assembler = ChunkAssembler(0, expected_blocks)
+    reservation = reserved(export, into) if into else None
+    assembler = ChunkAssembler(0, reservation)
     for chunk in [chunks[-1], *chunks[2:-1], chunks[0], chunks[1]]:
         assembler.add(*chunk)
-    kv = assembler.kv(export.token_ids)
-    assert torch.equal(kv.data.view(torch.uint8), export.data.view(torch.uint8))
-    assert kv.block_hashes == export.block_hashes
+    if reservation is None:
+        kv = assembler.kv(export.token_ids)
+        assert torch.equal(kv.data.view(torch.uint8), export.data.view(torch.uint8))
+        assert kv.block_hashes == export.block_hashes
+    else:
+        assembler.check_complete()
+        placed = reservation.kv_cache[:, :, into]
+        assert torch.equal(placed.view(torch.uint8), export.data.view(torch.uint8))
+        untouched = sorted(set(range(2 * BLOCKS)) - set(into))
+        assert not reservation.kv_cache[:, :, untouched].any()
+
+
+def test_chunks_that_do_not_fill_or_fit_the_reserved_blocks_are_refused():
+    export = sample_export()
+    chunks = finish(list(export_to_chunks(export, 0, 2, "t1", "r1")), export)
+    with pytest.raises(TransferError, match="beyond the 3 reserved"):
+        ChunkAssembler(0, reserved(export, [5, 6, 7])).add(*chunks[1])  # blocks 2..3
+    fewer = ChunkAssembler(0, reserved(export, [*SCATTERED, 1]))  # one block more than was sent
+    for chunk in chunks:
+        fewer.add(*chunk)
+    with pytest.raises(TransferError, match=r"7 blocks .* came for the 8 blocks"):
+        fewer.check_complete()
+    other = sample_export(torch.float16)
+    with pytest.raises(TransferError, match="does not fit this pool"):
+        ChunkAssembler(0, reserved(export, SCATTERED)).add(*finish(list(export_to_chunks(other, 0, 2, "t", "r")),
+                                                                   other)[0])  # fmt: skip
 
 
 def test_incomplete_or_overlapping_transfers_are_refused():
@@ -86,8 +120,6 @@ def test_incomplete_or_overlapping_transfers_are_refused():
         duplicate.add(*chunks[1])
     with pytest.raises(TransferError, match="not a new run"):
         ChunkAssembler(3).add(*chunks[1])  # blocks 2..3, before the transfer's first block
-    with pytest.raises(TransferError, match="beyond the 3 expected"):
-        ChunkAssembler(0, 3).add(*chunks[1])  # blocks 2..3
     partial = ChunkAssembler(0)
     partial.add(*chunks[0])
     with pytest.raises(TransferError, match="before its last chunk"):
@@ -137,6 +169,7 @@ async def test_a_message_that_is_not_a_chunk_fails_the_pull_as_a_transfer_error(
     await server.start()
     try:
         with pytest.raises(TransferError, match="not a KvBlockChunk"):
-            await pull_prefill(f"127.0.0.1:{port}", worker_pb2.WorkerGenerateRequest(request_id="r1"), 0, 10)
+            await pull_prefill(f"127.0.0.1:{port}", worker_pb2.WorkerGenerateRequest(request_id="r1"),
+                               reserved(sample_export(), SCATTERED), 10)  # fmt: skip
     finally:
         await server.stop(0)
