@@ -1,8 +1,8 @@
 """KV export/import: a sequence's blocks as one raw tensor, moved between engines' pools.
 
 ``KvExport.data`` is ``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``, exactly
-``kvmesh.v1.KvBlockChunk``'s layout; a worker slices it by layers/blocks into chunks and ships
-``tensor_pieces`` of each (little-endian raw bytes, never pickle) without copying them first.
+``kvmesh.v1.KvBlockChunk``'s layout; a worker slices it by blocks into chunks and ships the
+``block_rows`` of each (little-endian raw bytes, never pickle) without copying them first.
 A receiver that knows what is coming holds pool blocks for it first (``KvReservation``) and
 writes each chunk's bytes straight into them (``place_blocks``).
 """
@@ -128,6 +128,17 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     of blocks out of ``[layers, 2, blocks, ...]`` is gathered straight from its contiguous rows
     (``contiguous()`` then ``tobytes()`` would copy every byte twice)."""
     return b"".join(tensor_pieces(t))
+
+
+def block_rows(part: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a band of blocks (``[layers, 2, blocks, ...]``, a slice along the blocks
+    of a contiguous tensor) as a 2-D uint8 array with one contiguous row per (layer, K/V): a
+    view, not a copy, so that a single numpy copy (which releases the GIL) gathers it."""
+    assert sys.byteorder == "little"
+    part = part.detach().cpu()
+    if not part[0, 0].is_contiguous():
+        part = part.contiguous()
+    return part.view(torch.uint8).numpy().reshape(part.shape[0] * part.shape[1], -1)
 
 
 def tensor_pieces(t: torch.Tensor) -> list[memoryview]:

@@ -22,10 +22,11 @@ import ctypes
 import math
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 import xxhash
 from google.protobuf.message import DecodeError
@@ -33,12 +34,14 @@ from google.protobuf.message import DecodeError
 from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
-from services.engine.kv_transfer import KvExport, KvReservation, dtype_of, place_blocks, tensor_pieces
+from services.engine.kv_transfer import KvExport, KvReservation, block_rows, dtype_of, place_blocks
 
 DEFAULT_CHUNK_BLOCKS = 8
 _SERVICE = transfer_pb2.DESCRIPTOR.services_by_name["KvTransfer"].full_name
 PULL_BLOCKS_METHOD = f"/{_SERVICE}/PullBlocks"
 _DATA_FIELD = transfer_pb2.KvBlockChunk.DESCRIPTOR.fields_by_name["data"].number
+_CHECKSUM_TAG = bytes([transfer_pb2.KvBlockChunk.DESCRIPTOR.fields_by_name["checksum"].number << 3])  # a varint
+_VARINT_MAX_BYTES = 10
 
 
 class TransferError(ValueError):
@@ -70,33 +73,59 @@ def keep_transfer_buffers() -> bool:
 
 @dataclass
 class WireChunk:
-    """A ``KvBlockChunk`` on its way out: every field but ``data`` in ``header``; ``data`` as
-    views of the exported tensor's contiguous rows, gathered into the gRPC message by
+    """A ``KvBlockChunk`` on its way out: every field but ``data`` in ``header``; ``data`` as a
+    2-D view of the exported tensor's rows (``block_rows``), gathered into the gRPC message by
     ``encode`` in one copy (a ``bytes`` in the message would cost one copy to build it, one
     to set it and one to serialize it)."""
 
     header: transfer_pb2.KvBlockChunk
-    pieces: list[memoryview] = field(default_factory=list)
+    rows: np.ndarray | None = None
 
     @property
     def size(self) -> int:
-        return sum(piece.nbytes for piece in self.pieces)
+        return 0 if self.rows is None else self.rows.nbytes
 
     def encode(self) -> bytes:
-        """The ``KvBlockChunk`` as protobuf wire bytes: header fields, then field ``data``.
+        """The ``KvBlockChunk`` as protobuf wire bytes: field ``data``, then ``checksum``, then
+        the other header fields (protobuf fields may come in any order).
 
-        The checksum is taken here, not when the chunk is cut, so that it is paid by whichever
-        thread encodes (``encoded_ahead``): hashing and joining release the GIL, so the
-        chunks of parallel streams are encoded on several cores."""
+        Built in place (``_unfilled_bytes``) with two calls that release the GIL — one copy of
+        the rows, one checksum over the copied bytes — and nothing else that does. The
+        fewer the releases the better: a thread that gives up the GIL while another runs
+        Python waits up to the switch interval (5 ms) to get it back, so hashing row by row
+        (as many releases as rows) made a chunk cost tens of milliseconds in a busy worker,
+        and ``bytes.join`` of buffers holds the GIL for the whole copy, stalling the event loop
+        and every other stream. The checksum goes after the data, padded to a uint64 varint's
+        longest form (valid protobuf), so the message's size is known before it is hashed."""
         size = self.size
         if not size:
             return self.header.SerializeToString()
-        digest = xxhash.xxh3_64()  # the same value as xxh3_64 of the pieces joined, without joining them
-        for piece in self.pieces:
-            digest.update(piece)
-        self.header.checksum = digest.intdigest()
-        tag_and_length = _encode_varint(_DATA_FIELD << 3 | 2) + _encode_varint(size)
-        return b"".join([self.header.SerializeToString(), tag_and_length, *self.pieces])
+        self.header.ClearField("checksum")
+        lead = _encode_varint(_DATA_FIELD << 3 | 2) + _encode_varint(size)
+        rest = self.header.SerializeToString()
+        message, buffer = _unfilled_bytes(len(lead) + size + len(_CHECKSUM_TAG) + _VARINT_MAX_BYTES + len(rest))
+        buffer[: len(lead)] = np.frombuffer(lead, dtype=np.uint8)
+        data = buffer[len(lead) : len(lead) + size]
+        np.copyto(data.reshape(self.rows.shape), self.rows)
+        self.header.checksum = checksum(data)
+        tail = _CHECKSUM_TAG + _encode_varint(self.header.checksum, _VARINT_MAX_BYTES) + rest
+        buffer[len(lead) + size :] = np.frombuffer(tail, dtype=np.uint8)
+        return message
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype, _new_bytes.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_address = ctypes.pythonapi.PyBytes_AsString
+_bytes_address.restype, _bytes_address.argtypes = ctypes.c_void_p, (ctypes.py_object,)
+
+
+def _unfilled_bytes(size: int) -> tuple[bytes, np.ndarray]:
+    """A new ``bytes`` object of ``size`` bytes and a writable view of its contents, to be
+    filled before anyone else sees it: how C code builds one (``PyBytes_FromStringAndSize(NULL,
+    n)``, then fill). gRPC sends only ``bytes``, and this is the one way to fill one without
+    holding the GIL."""
+    message = _new_bytes(None, size)
+    return message, np.ctypeslib.as_array((ctypes.c_ubyte * size).from_address(_bytes_address(message)))
 
 
 def encode_chunk(chunk: WireChunk | transfer_pb2.KvBlockChunk | bytes) -> bytes:
@@ -178,7 +207,7 @@ def export_to_chunks(
             transfer_id=transfer_id, request_id=request_id, chunk_index=index, layer_start=0, layer_count=layers,
             block_indices=range(start, stop), dtype=export.dtype, shape=list(part.shape),
             block_hashes=export.block_hashes[start - export.first_block : stop - export.first_block],
-        ), tensor_pieces(part))  # fmt: skip
+        ), block_rows(part))  # fmt: skip
 
 
 def closing_chunks(
@@ -287,9 +316,11 @@ def decode_chunk(message: bytes) -> tuple[transfer_pb2.KvBlockChunk, memoryview]
     return header, data
 
 
-def _encode_varint(value: int) -> bytes:
+def _encode_varint(value: int, width: int = 0) -> bytes:
+    """``value`` as a protobuf varint, padded to ``width`` bytes with continuation bytes when
+    given (parsers accept a varint of up to 10 bytes, ``_VARINT_MAX_BYTES``)."""
     out = bytearray()
-    while value >= 0x80:
+    while value >= 0x80 or len(out) + 1 < width:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     out.append(value)
