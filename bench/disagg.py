@@ -51,7 +51,7 @@ async def _pull(address: str, request: worker_pb2.WorkerGenerateRequest, step_to
     """A pull of a fresh prompt; ``send=False`` skips every full block (only the tail travels),
     which times the same prefill schedule with (almost) no transfer."""
     skip = 0 if send else (len(request.token_ids) - 1) // BLOCK_SIZE
-    return await pull_prefill(address, request, skip, 600, step_tokens)
+    return await pull_prefill(address, request, 600, skip_blocks=skip, prefill_chunk_tokens=step_tokens)
 
 
 async def measure_overlap(address: str, model: str, prompt_tokens: int = 1500, rounds: int = 3, seed: int = 0

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from services.engine.config import EngineConfig
-from services.engine.kv_transfer import KvExport, KvReservation
+from services.engine.kv_transfer import KvReservation
 from services.engine.llm_engine import Engine, EngineStats
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
@@ -124,13 +124,13 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.call(fn))
 
     async def generate(self, request_id: str, token_ids: Sequence[int], sampling: SamplingParams, *,
-                       keep_kv: bool = False, kv: KvExport | KvReservation | None = None,
-                       output_token_ids: Sequence[int] = (), kv_first_block: int = 0,
+                       keep_kv: bool = False, kv: KvReservation | None = None,
+                       output_token_ids: Sequence[int] = (),
                        max_tokens_per_step: int = 0, on_step: Callable[[Engine], None] | None = None,
                        ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until it finishes. ValueError (bad input) is raised before
-        the first output. With ``kv``, continue a sequence prefilled elsewhere (its KV exported,
-        or already written into the blocks reserved for it). ``on_step`` runs
+        the first output. With ``kv``, continue a sequence prefilled elsewhere, its KV written into
+        the blocks reserved for it, after the ``output_token_ids`` generated there. ``on_step`` runs
         on the engine thread after each step while the request lives (e.g. to export its
         newly finished blocks); if it raises, the request is aborted with that error."""
         self.engine.validate_request(token_ids, sampling)
@@ -146,10 +146,8 @@ class AsyncEngine:
                 if kv is None:
                     e.add_request(request_id, token_ids, sampling, keep_kv=keep_kv,
                                   max_tokens_per_step=max_tokens_per_step)
-                elif isinstance(kv, KvReservation):
-                    e.start_reserved(request_id, kv.num_tokens, output_token_ids)
                 else:
-                    e.add_request_with_kv(request_id, token_ids, sampling, kv, output_token_ids, kv_first_block)
+                    e.start_reserved(request_id, kv.num_tokens, output_token_ids)
                 if on_step is not None:
                     self._step_hooks[request_id] = on_step
 

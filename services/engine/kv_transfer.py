@@ -61,9 +61,7 @@ class KvReservation:
         return str(self.kv_cache.dtype).removeprefix("torch.")
 
     def block_shape(self, blocks: int) -> list[int]:
-        """The ``[layers, 2, blocks, ...]`` shape of ``blocks`` blocks of this pool."""
-        shape = list(self.kv_cache.shape)
-        return [*shape[:2], blocks, *shape[3:]]
+        return band_shape(self.kv_cache, blocks)
 
     def write(self, offset: int, blocks: int, data: bytes | memoryview) -> None:
         """Blocks ``first_block + offset ..`` (``blocks`` of them) from their raw bytes."""
@@ -86,12 +84,19 @@ def read_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     return host
 
 
+def band_shape(kv_cache: torch.Tensor, blocks: int) -> list[int]:
+    """The ``[layers, 2, blocks, ...]`` shape of ``blocks`` blocks of a pool."""
+    shape = list(kv_cache.shape)
+    return [*shape[:2], blocks, *shape[3:]]
+
+
 def write_blocks(kv_cache: torch.Tensor, block_ids: list[int], data: torch.Tensor) -> None:
-    if data.shape[:2] != kv_cache.shape[:2] or data.shape[3:] != kv_cache.shape[3:] or data.shape[2] != len(
-            block_ids):
-        raise ValueError(f"KV data shape {tuple(data.shape)} does not fit this pool "
-                         f"{tuple(kv_cache.shape[:2])}+[{len(block_ids)}]+{tuple(kv_cache.shape[3:])}")
-    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    if list(data.shape) != band_shape(kv_cache, len(block_ids)):
+        raise ValueError(f"KV data shape {tuple(data.shape)} does not fit this pool's "
+                         f"{tuple(band_shape(kv_cache, len(block_ids)))}")
+    index = torch.tensor(block_ids, dtype=torch.long)
+    if kv_cache.is_cuda:  # from pinned memory, so the upload queues instead of waiting for the device
+        index = index.pin_memory().to(kv_cache.device, non_blocking=True)
     if kv_cache.is_cuda and data.device.type == "cpu" and not data.is_pinned():
         # Bytes off the network sit in pageable memory; staging them through a pinned buffer
         # makes the upload one full-speed DMA instead of the driver's small bounce copies.
@@ -105,13 +110,13 @@ def place_blocks(kv_cache: torch.Tensor, block_ids: list[int], data: bytes | mem
     On CPU one copy, straight from the received bytes into the pool (memory the worker already
     touched: a fresh tensor per transfer cost more in page faults than the copy itself); on a
     GPU through a pinned staging tensor, then one upload."""
-    shape = [*kv_cache.shape[:2], len(block_ids), *kv_cache.shape[3:]]
     if kv_cache.is_cuda:
-        staging = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=True)
+        staging = torch.empty(band_shape(kv_cache, len(block_ids)), dtype=kv_cache.dtype, pin_memory=True)
         _copy_bytes(staging, data)
         write_blocks(kv_cache, block_ids, staging)
         return
-    rows = kv_cache.view(torch.uint8).numpy().reshape(shape[0] * shape[1], kv_cache.shape[2], -1)
+    rows = kv_cache.view(torch.uint8).numpy()
+    rows.shape = (kv_cache.shape[0] * kv_cache.shape[1], kv_cache.shape[2], -1)  # a view, or an error: never a copy
     src = np.frombuffer(data, dtype=np.uint8)
     if src.size != rows.shape[0] * len(block_ids) * rows.shape[2]:
         raise ValueError(f"{src.size} bytes do not fill {len(block_ids)} blocks of this pool")

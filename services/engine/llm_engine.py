@@ -306,7 +306,7 @@ class Engine:
         return len(taken)
 
     def cached_prefix_blocks(self, token_ids: Seq[int]) -> int:
-        """Leading full blocks of ``token_ids`` already in this pool: a KV import can skip them."""
+        """Leading full blocks of ``token_ids`` already in this pool (read-only)."""
         return self.blocks.cached_prefix_length(list(token_ids))
 
     def add_request_with_kv(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams,
@@ -323,6 +323,8 @@ class Engine:
         bs = self.config.block_size
         if kv_first_block < 0 or kv_first_block + kv.num_blocks != -(-kv.num_tokens // bs):
             raise ValueError(f"{kv_first_block} + {kv.num_blocks} KV blocks cannot hold {kv.num_tokens} tokens of {bs}")
+        if kv_first_block > (len(prompt_token_ids) - 1) // bs:
+            raise ValueError(f"the {kv_first_block} blocks to reuse go past the prompt's last full block")
         reservation = self._reserve(request_id, prompt_token_ids, sampling, kv.num_tokens, kv_first_block > 0)
         try:
             if reservation.first_block < kv_first_block:
@@ -332,7 +334,7 @@ class Engine:
             write_blocks(self.runner.kv_cache, reservation.block_ids,
                          kv.data[:, :, reservation.first_block - kv_first_block :])  # fmt: skip
             self.start_reserved(request_id, kv.num_tokens, output_token_ids)
-        except (ValueError, NoFreeBlocksError):
+        except BaseException:
             self.release_reservation(request_id)
             raise
 
@@ -369,10 +371,11 @@ class Engine:
         reused = len(seq.block_table)
         bs = self.config.block_size
         if not self.blocks.allocate(seq, num_tokens - reused * bs):
+            short = NoFreeBlocksError(f"the pool has {self.blocks.num_free} free blocks; "
+                                      f"{-(-num_tokens // bs) - reused} are needed")  # fmt: skip
             self.blocks.free(seq)
             self._flush_events()
-            raise NoFreeBlocksError(f"the pool has {self.blocks.num_free} free blocks; "
-                                    f"{-(-num_tokens // bs) - reused} are needed")  # fmt: skip
+            raise short
         seq.num_computed_tokens = reused * bs
         reservation = KvReservation(request_id, reused, seq.block_table[reused:], num_tokens, self.runner.kv_cache)
         self.reservations[request_id] = (seq, reservation)
@@ -383,11 +386,15 @@ class Engine:
         """Start decoding a reserved sequence whose blocks now hold the KV of its first
         ``num_tokens`` tokens (the prompt), after the tokens generated elsewhere
         (``output_token_ids``); its blocks are named now, not before."""
+        if request_id not in self.reservations:
+            raise ValueError(f"no blocks are reserved for {request_id!r}")
         seq, reservation = self.reservations[request_id]
         outputs = list(output_token_ids)
         self._check_continuation(seq.token_ids, seq.sampling, outputs)
         if num_tokens != reservation.num_tokens:
             raise ValueError(f"the KV covers {num_tokens} tokens; {reservation.num_tokens} were reserved")
+        if num_tokens >= len(seq.token_ids) + len(outputs):
+            raise ValueError("the KV covers every token: the last one, generated elsewhere, must come with it")
         del self.reservations[request_id]
         seq.token_ids += outputs
         if seq.detokenizer is not None and outputs:

@@ -167,16 +167,19 @@ async def serve_prefill(
 
 
 async def pull_prefill(
-    prefill_address: str, request: worker_pb2.WorkerGenerateRequest, into: KvReservation, timeout_s: float,
-    prefill_chunk_tokens: int = 0, streams: int = 1,
+    prefill_address: str, request: worker_pb2.WorkerGenerateRequest, timeout_s: float, *,
+    into: KvReservation | None = None, skip_blocks: int = 0, prefill_chunk_tokens: int = 0, streams: int = 1,
 ) -> PulledPrefill:
     """The decode worker's side: ask the prefill worker for the prompt's KV and first token
-    (over ``streams`` parallel streams), each chunk written into the reserved pool blocks as
-    it arrives; the blocks the reservation reuses are not asked for."""
+    (over ``streams`` parallel streams), each chunk written into the reserved pool blocks
+    ``into`` as it arrives; the blocks the reservation reuses are not asked for. Without
+    ``into`` (a measurement with no pool: ``bench/disagg.py``), the blocks from ``skip_blocks``
+    on are kept as they came."""
     started = time.monotonic()
-    assembler = ChunkAssembler(into.first_block, into)
+    first_block = into.first_block if into is not None else skip_blocks
+    assembler = ChunkAssembler(first_block, into)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
-                                          request=request, skip_blocks=into.first_block,
+                                          request=request, skip_blocks=first_block,
                                           prefill_chunk_tokens=prefill_chunk_tokens, streams=streams)  # fmt: skip
     first_chunk_at, first_chunk_bytes = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
@@ -198,7 +201,7 @@ async def pull_with_retries(
     while pending:
         address = pending.pop(0)
         try:
-            return await pull_prefill(address, request, into, timeout_s, streams=streams)
+            return await pull_prefill(address, request, timeout_s, into=into, streams=streams)
         except (grpc.aio.AioRpcError, TransferError) as exc:
             if not pending and isinstance(exc, TransferError) and not retried_same:
                 pending.append(address)

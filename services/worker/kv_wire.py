@@ -2,8 +2,9 @@
 put back together on the other side.
 
 Raw little-endian tensor bytes with dtype, shape and block positions beside them, never
-pickle: a receiver trusts nothing it cannot check, and a checksum mismatch or a shape that
-does not add up is refused before a single byte reaches its KV pool.
+pickle: a receiver trusts nothing it cannot check. A chunk whose checksum or shape does not
+add up is refused before any of its bytes reach the KV pool, and the pool blocks a failed
+transfer did write are never named, so nothing reads them before they are written again or freed.
 
 Copies, because on CPU they (and the page faults of fresh buffers) are what a transfer costs:
 the sender gathers the tensor's rows straight into the gRPC message (``WireChunk.encode``), the
@@ -21,7 +22,7 @@ import contextlib
 import ctypes
 import math
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ DEFAULT_CHUNK_BLOCKS = 8
 _SERVICE = transfer_pb2.DESCRIPTOR.services_by_name["KvTransfer"].full_name
 PULL_BLOCKS_METHOD = f"/{_SERVICE}/PullBlocks"
 _DATA_FIELD = transfer_pb2.KvBlockChunk.DESCRIPTOR.fields_by_name["data"].number
-_CHECKSUM_TAG = bytes([transfer_pb2.KvBlockChunk.DESCRIPTOR.fields_by_name["checksum"].number << 3])  # a varint
+_CHECKSUM_FIELD = transfer_pb2.KvBlockChunk.DESCRIPTOR.fields_by_name["checksum"].number
 _VARINT_MAX_BYTES = 10
 
 
@@ -103,12 +104,13 @@ class WireChunk:
         self.header.ClearField("checksum")
         lead = _encode_varint(_DATA_FIELD << 3 | 2) + _encode_varint(size)
         rest = self.header.SerializeToString()
-        message, buffer = _unfilled_bytes(len(lead) + size + len(_CHECKSUM_TAG) + _VARINT_MAX_BYTES + len(rest))
+        tag = _encode_varint(_CHECKSUM_FIELD << 3)  # wire type 0: a varint
+        message, buffer = _unfilled_bytes(len(lead) + size + len(tag) + _VARINT_MAX_BYTES + len(rest))
         buffer[: len(lead)] = np.frombuffer(lead, dtype=np.uint8)
         data = buffer[len(lead) : len(lead) + size]
         np.copyto(data.reshape(self.rows.shape), self.rows)
         self.header.checksum = checksum(data)
-        tail = _CHECKSUM_TAG + _encode_varint(self.header.checksum, _VARINT_MAX_BYTES) + rest
+        tail = tag + _encode_varint(self.header.checksum, _VARINT_MAX_BYTES) + rest
         buffer[len(lead) + size :] = np.frombuffer(tail, dtype=np.uint8)
         return message
 
@@ -123,7 +125,8 @@ def _unfilled_bytes(size: int) -> tuple[bytes, np.ndarray]:
     """A new ``bytes`` object of ``size`` bytes and a writable view of its contents, to be
     filled before anyone else sees it: how C code builds one (``PyBytes_FromStringAndSize(NULL,
     n)``, then fill). gRPC sends only ``bytes``, and this is the one way to fill one without
-    holding the GIL."""
+    holding the GIL. The view does not keep the object alive: hold the object while writing,
+    and drop the view before handing the object on."""
     message = _new_bytes(None, size)
     return message, np.ctypeslib.as_array((ctypes.c_ubyte * size).from_address(_bytes_address(message)))
 
@@ -364,22 +367,22 @@ class ChunkAssembler:
 
     def add(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview | None = None) -> None:
         """Check and keep ``chunk``; ``data`` stands for ``chunk.data`` when the bytes were
-        left out of the message object (``decode_chunk``)."""
+        left out of the message object (``decode_chunk``). Bookkeeping comes first: a chunk
+        that fails its checksum fails the whole transfer anyway, and none of its bytes reach
+        the pool."""
         data = chunk.data if data is None else data
-        self.verify(chunk, data)
-        placement = self.keep(chunk, data)
-        if placement is not None:
-            self.into.write(*placement)
+        self._verify_and_write(chunk, data, self.keep(chunk, data))
 
     async def add_off_loop(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> None:
         """``add`` with the checksum and the copy in one trip to a worker thread (both release
-        the GIL), so the event loop reads the next chunks meanwhile. Bookkeeping stays on the
-        loop, before: a chunk that fails its checksum fails the whole transfer anyway."""
+        the GIL), so the event loop reads the next chunks meanwhile; bookkeeping stays on the
+        loop. The thread's work is shielded: cancelling the caller cannot stop a running
+        thread, so ``settle`` must still see it."""
         placement = self.keep(chunk, data)
         work = asyncio.get_running_loop().run_in_executor(None, self._verify_and_write, chunk, data, placement)
         self._writing.add(work)
-        work.add_done_callback(self._writing.discard)
-        await work
+        work.add_done_callback(_finished_writing(self._writing))
+        await asyncio.shield(work)
 
     def _verify_and_write(self, chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview,
                           placement: tuple[int, int, memoryview] | None) -> None:  # fmt: skip
@@ -388,10 +391,17 @@ class ChunkAssembler:
             self.into.write(*placement)
 
     async def settle(self) -> None:
-        """Wait for the checks and writes still running in threads. A cancelled transfer's
-        threads run on: its reserved blocks must not be freed (and reused) under them."""
+        """Wait for the checks and writes still running in threads, even when cancelled meanwhile
+        (then re-raised): a failed or cancelled transfer's threads run on, and its reserved
+        blocks must not be retried, freed or reused under them."""
+        cancelled = False
         while self._writing:
-            await asyncio.wait(list(self._writing))
+            try:
+                await asyncio.wait(list(self._writing))
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     @staticmethod
     def verify(chunk: transfer_pb2.KvBlockChunk, data: bytes | memoryview) -> None:
@@ -478,3 +488,15 @@ class ChunkAssembler:
                 start += blocks
         block_hashes = [block_hash for _, _, hashes in parts for block_hash in hashes]
         return KvExport(list(token_ids[:num_tokens]), num_tokens, block_hashes, data, self.first_block)
+
+
+def _finished_writing(writing: set[asyncio.Future]) -> Callable[[asyncio.Future], None]:
+    """Done callback of a chunk's thread work: off the pending set, its error read (the caller
+    that awaited it may have been cancelled, and its failure is the transfer's anyway)."""
+
+    def finished(work: asyncio.Future) -> None:
+        writing.discard(work)
+        if not work.cancelled():
+            work.exception()
+
+    return finished

@@ -128,12 +128,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._changed.set()
 
     async def _local_outputs(
-        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, started: float,
-        token_ids: list[int] | None = None, **kv: object,
+        self, request: worker_pb2.WorkerGenerateRequest, sampling: SamplingParams, started: float, **kv: object,
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         self._check_evicted(request.request_id)
-        tokens = list(request.token_ids) if token_ids is None else token_ids
-        outputs = self.engine.generate(request.request_id, tokens, sampling, **kv)
+        outputs = self.engine.generate(request.request_id, list(request.token_ids), sampling, **kv)
         async with contextlib.aclosing(outputs):
             async for output in outputs:
                 elapsed = time.monotonic() - started
@@ -151,12 +149,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         succeeds (see ``pull_with_retries``), prefill locally."""
         request_id, tokens = request.request_id, list(request.token_ids)
         try:
-            reservation = await self.engine.run(lambda e: e.reserve_kv(request_id, tokens, sampling))
-        except NoFreeBlocksError as exc:
-            log.warning("no room to receive the KV of %s (%s); prefilling locally", request_id, exc)
-            self.transfers.fell_back()
-            reservation = None
-        try:
+            try:
+                reservation = await self.engine.run(lambda e: e.reserve_kv(request_id, tokens, sampling))
+            except NoFreeBlocksError as exc:
+                log.warning("no room to receive the KV of %s (%s); prefilling locally", request_id, exc)
+                self.transfers.fell_back()
+                reservation = None
             pulled = None
             if reservation is not None:
                 with trace.kv_transfer() as span:
@@ -165,7 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.blocks_received,
                                           pulled.seconds, pulled.transfer_seconds)  # fmt: skip
             if pulled is None:
-                await self._release(request_id)  # its blocks make room for the local prefill
+                self._release(request_id)  # its blocks make room for the local prefill (queued first)
                 trace.path = "fallback"
                 async for response in self._local_outputs(request, sampling, started):
                     yield response
@@ -191,11 +189,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                                           output_token_ids=[first.token_id]):  # fmt: skip
                     yield response
         finally:
-            await self._release(request_id)  # a no-op once decoding started (or if it never reserved)
+            self._release(request_id)  # a no-op once decoding started (or if it never reserved)
 
-    async def _release(self, request_id: str) -> None:
+    def _release(self, request_id: str) -> None:
+        """Free the blocks reserved for ``request_id``, if any are still: queued on the engine
+        thread, not awaited (a cancelled request cannot lose it; engine calls run in order)."""
         with contextlib.suppress(EngineDeadError):
-            await self.engine.run(lambda e: e.release_reservation(request_id))
+            self.engine.call(lambda e: e.release_reservation(request_id))
 
     async def _pull(self, request: worker_pb2.WorkerGenerateRequest, reservation: KvReservation,
                     prefill_addresses: list[str]) -> PulledPrefill | None:  # fmt: skip

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import grpc
 import pytest
 import torch
@@ -169,7 +173,33 @@ async def test_a_message_that_is_not_a_chunk_fails_the_pull_as_a_transfer_error(
     await server.start()
     try:
         with pytest.raises(TransferError, match="not a KvBlockChunk"):
-            await pull_prefill(f"127.0.0.1:{port}", worker_pb2.WorkerGenerateRequest(request_id="r1"),
-                               reserved(sample_export(), SCATTERED), 10)  # fmt: skip
+            await pull_prefill(f"127.0.0.1:{port}", worker_pb2.WorkerGenerateRequest(request_id="r1"), 10,
+                               into=reserved(sample_export(), SCATTERED))  # fmt: skip
     finally:
         await server.stop(0)
+
+
+async def test_a_cancelled_transfer_settles_only_once_its_writes_are_done():
+    """Cancelling a pull cannot stop a chunk's write already running in a thread: ``settle``
+    (awaited before the reserved blocks are retried or freed) must wait for it."""
+    export = sample_export()
+    chunks = finish(list(export_to_chunks(export, 0, 2, "t1", "r1")), export)
+    reservation = reserved(export, SCATTERED)
+    written = threading.Event()
+    write = reservation.write
+
+    def slow_write(*args: object) -> None:
+        time.sleep(0.3)
+        write(*args)
+        written.set()
+
+    reservation.write = slow_write
+    assembler = ChunkAssembler(0, reservation)
+    adding = asyncio.ensure_future(assembler.add_off_loop(*chunks[0]))
+    await asyncio.sleep(0.05)
+    adding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await adding
+    assert not written.is_set()
+    await assembler.settle()
+    assert written.is_set()
