@@ -38,17 +38,15 @@ from kvmesh.grpc_service import CHANNEL_OPTIONS, mesh_channel
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.kv_transfer import KvExport, KvReservation
 from services.engine.loader import load_model_config
+from services.worker.kv_receive import ChunkAssembler, decode_chunk, receive_into
 from services.worker.kv_wire import (
     DEFAULT_CHUNK_BLOCKS,
-    ChunkAssembler,
     WireChunk,
     add_transfer_servicer,
-    decode_chunk,
     encode_chunk,
     encoded_ahead,
     export_to_chunks,
     keep_transfer_buffers,
-    receive_into,
 )
 from services.worker.transfer_streams import TransferStreams
 

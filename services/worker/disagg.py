@@ -43,14 +43,8 @@ from services.engine.kv_transfer import KvExport, KvReservation
 from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
-from services.worker.kv_wire import (
-    ChunkAssembler,
-    TransferError,
-    WireChunk,
-    closing_chunks,
-    export_to_chunks,
-    receive_into,
-)
+from services.worker.kv_receive import ChunkAssembler, receive_into
+from services.worker.kv_wire import TransferError, WireChunk, closing_chunks, export_to_chunks
 from services.worker.metrics import TRANSFER_FALLBACKS
 from services.worker.request_trace import record_prefill_phases
 

@@ -21,13 +21,8 @@ from kvmesh.hashing import block_hashes
 from kvmesh_proto.v1 import transfer_pb2, worker_pb2
 from services.engine.async_engine import AsyncEngine
 from services.engine.kv_transfer import KvExport
-from services.worker.kv_wire import (
-    ChunkAssembler,
-    TransferError,
-    WireChunk,
-    closing_chunks,
-    receive_into,
-)
+from services.worker.kv_receive import ChunkAssembler, receive_into
+from services.worker.kv_wire import TransferError, WireChunk, closing_chunks
 from services.worker.metrics import observe_transfer
 
 log = logging.getLogger(__name__)

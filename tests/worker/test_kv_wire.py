@@ -14,14 +14,8 @@ from google.protobuf.message import DecodeError
 from kvmesh_proto.v1 import transfer_pb2, worker_pb2
 from services.engine.kv_transfer import KvExport, KvReservation
 from services.worker.disagg import pull_prefill
-from services.worker.kv_wire import (
-    ChunkAssembler,
-    TransferError,
-    WireChunk,
-    decode_chunk,
-    encode_chunk,
-    export_to_chunks,
-)
+from services.worker.kv_receive import ChunkAssembler, decode_chunk
+from services.worker.kv_wire import TransferError, WireChunk, encode_chunk, export_to_chunks
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 3, 7, 16, 2, 8
 
