@@ -136,7 +136,7 @@ class Engine:
         ``max_tokens_per_step`` (0 = no cap) prefills it in steps of at most that many tokens."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.reservations:
             raise ValueError(f"duplicate request id {request_id!r}")
         ids = self.validate_request(prompt_token_ids, sampling)
         if max_tokens_per_step < 0:
