@@ -1,7 +1,8 @@
 """How much of the KV transfer a disaggregated prefill hides behind its own compute.
 
 Against a live prefill worker, acting as the decode worker (the same ``pull_prefill`` it
-uses), on fresh random prompts of the same length (nothing cached), interleaved per round:
+uses, over as many streams as it uses by default), on fresh random prompts of the same
+length (nothing cached), interleaved per round:
 
 - compute: the same pull with every full block skipped (only the tail block travels), so
   prefill alone on the same schedule (whole prompt in one step, or in the worker's steps);
@@ -30,9 +31,12 @@ import statistics
 import uuid
 from pathlib import Path
 
+from kvmesh.config import WorkerSettings
 from kvmesh_proto.v1 import common_pb2, worker_pb2
 from services.worker.disagg import PulledPrefill, pull_prefill
 
+# As many parallel streams as a decode worker spreads a pull over by default (--transfer-streams).
+_STREAMS = WorkerSettings().transfer_streams
 # Larger than any prompt: the whole prompt in one prefill step (within the engine's budget).
 ONE_STEP = 1 << 20
 BLOCK_SIZE = 16
@@ -51,7 +55,8 @@ async def _pull(address: str, request: worker_pb2.WorkerGenerateRequest, step_to
     """A pull of a fresh prompt; ``send=False`` skips every full block (only the tail travels),
     which times the same prefill schedule with (almost) no transfer."""
     skip = 0 if send else (len(request.token_ids) - 1) // BLOCK_SIZE
-    return await pull_prefill(address, request, 600, skip_blocks=skip, prefill_chunk_tokens=step_tokens)
+    return await pull_prefill(address, request, 600, skip_blocks=skip, prefill_chunk_tokens=step_tokens,
+                              streams=_STREAMS)  # fmt: skip
 
 
 async def measure_overlap(address: str, model: str, prompt_tokens: int = 1500, rounds: int = 3, seed: int = 0
