@@ -126,12 +126,13 @@ class BlockManager:
             del self.evictable[block_id]
         block.ref_count += 1
 
-    def match_prefix(self, seq: Sequence) -> Promotion | None:
+    def match_prefix(self, seq: Sequence, from_disk: bool = True) -> Promotion | None:
         """Attach the longest run of cached leading blocks to a sequence that holds none.
 
         At least one token is always left to compute: its logits give the next token. When the
         run continues on disk, the blocks for it are attached too and their reads started: the
-        sequence may run only after ``finish_promotion`` (the returned promotion).
+        sequence may run only after ``finish_promotion`` (the returned promotion). Without
+        ``from_disk`` the run stops at the first block only the disk holds.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching:
@@ -153,9 +154,9 @@ class BlockManager:
         seq.num_computed_tokens = len(hashes) * bs
         if self.tiers is None or len(hashes) == max_blocks:
             return None
-        return self._promote_chain(seq, max_blocks)
+        return self._promote_chain(seq, max_blocks, from_disk)
 
-    def _promote_chain(self, seq: Sequence, max_blocks: int) -> Promotion | None:
+    def _promote_chain(self, seq: Sequence, max_blocks: int, from_disk: bool) -> Promotion | None:
         """Continue a match through the lower tiers (and the pool, where a later block is back in
         it) until the chain breaks or the pool has no free block. Host blocks are copied and
         named now; disk blocks get a pool block each and are read in the background."""
@@ -170,7 +171,7 @@ class BlockManager:
             if h in self.hash_to_block:
                 self._ref(self.hash_to_block[h])
                 seq.block_table.append(self.hash_to_block[h])
-            elif tier is None or not self.num_free:
+            elif tier is None or not self.num_free or (tier != TIER_HOST and not from_disk):
                 break
             else:
                 block_id = self._take()

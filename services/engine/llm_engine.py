@@ -341,7 +341,8 @@ class Engine:
     def reserve_kv(self, request_id: str, prompt_token_ids: Seq[int], sampling: SamplingParams) -> KvReservation:
         """Hold pool blocks for the KV of a prompt another worker is about to compute, so that
         its bytes go straight into place as they arrive (``KvReservation.write``). The leading
-        blocks this pool already holds are reused (the reservation starts after them); the rest
+        blocks this worker holds in its pool or host memory are reused (the reservation starts
+        after them; blocks only its disk holds are sent again rather than waited for); the rest
         stay unnamed until ``start_reserved``. Raises NoFreeBlocksError when the pool cannot
         hold the prompt now. The caller must end it with ``start_reserved`` or
         ``release_reservation``."""
@@ -365,9 +366,10 @@ class Engine:
         seq = self._new_sequence(request_id, ids, len(ids), sampling, keep_kv=False)
         seq.admitted = True  # its prompt was computed elsewhere: no local prefix hit to count
         if reuse:
-            promotion = self.blocks.match_prefix(seq)
-            if promotion is not None:  # the reused blocks came back from disk: wanted now
-                self.blocks.finish_promotion(seq, promotion)
+            # Not from disk: waiting for those reads here would stall every sequence this engine
+            # steps (the sender sends those blocks instead); pool and host-memory blocks are in
+            # place at once.
+            self.blocks.match_prefix(seq, from_disk=False)
         reused = len(seq.block_table)
         bs = self.config.block_size
         if not self.blocks.allocate(seq, num_tokens - reused * bs):

@@ -199,3 +199,23 @@ def test_disk_promotion_runs_beside_the_decode_and_an_abort_while_loading_frees_
     assert len(outputs["decoder"]) == 14 - 5
     assert tiered.stats().blocks_used == 0  # the aborted request's reads left nothing behind
     tiered.close()
+
+
+@pytest.mark.parametrize(("host_mb", "disk_mb"), [(64, 0), (0, 64)], ids=["host", "disk"])
+def test_a_kv_reservation_reuses_host_blocks_but_never_waits_for_disk(
+        tokenizer: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_mb: float, disk_mb: float):
+    """A decode worker reserving a prompt's blocks takes its prefix back from host memory (a copy)
+    but not from disk: that read would stall every sequence the engine steps, and the prefill
+    worker sends those blocks anyway."""
+    first, second = _conversation(tokenizer)
+    tiered = _tiered(tmp_path, host_mb, disk_mb)
+    _evict_first_turn(tiered, tokenizer, first)
+    if tiered.tiers.disk is not None:
+        tiered.tiers.disk.flush()
+    reads = []
+    monkeypatch.setattr(kv_tiers, "read_block_file", lambda *args: reads.append(args) or read_block_file(*args))
+    reservation = tiered.reserve_kv("decode", second, GREEDY)
+    assert reservation.first_block == ((len(first) - 1) // 16 if host_mb else 0)
+    assert not reads
+    assert tiered.release_reservation("decode") and tiered.stats().blocks_used == 0
+    tiered.close()
