@@ -88,8 +88,8 @@ class WireChunk:
         the rows, one checksum over the copied bytes — and nothing else that does. The
         fewer the releases the better: a thread that gives up the GIL while another runs
         Python waits up to the switch interval (5 ms) to get it back, so hashing row by row
-        (as many releases as rows) made a chunk cost tens of milliseconds in a busy worker,
-        and ``bytes.join`` of buffers holds the GIL for the whole copy, stalling the event loop
+        (as many releases as rows) can make a chunk cost tens of milliseconds beside a thread
+        busy in Python; ``bytes.join`` of buffers holds the GIL for the whole copy, stalling the event loop
         and every other stream. The checksum goes after the data, padded to a uint64 varint's
         longest form (valid protobuf), so the message's size is known before it is hashed."""
         size = self.size
