@@ -85,7 +85,7 @@ class Pool:
         self.runs += 1
         order = torch.randperm(self.kv_cache.shape[2], generator=torch.Generator().manual_seed(self.runs))
         block_ids = order[: self.export.num_blocks].tolist()
-        return KvReservation("bench", 0, block_ids, self.export.num_tokens, self.kv_cache)
+        return KvReservation(0, block_ids, self.export.num_tokens, self.kv_cache)
 
     def check(self, reservation: KvReservation) -> None:
         placed = self.kv_cache[:, :, reservation.block_ids]

@@ -50,7 +50,6 @@ class KvReservation:
     Written from the transfer's threads while the engine steps other sequences: the blocks are
     nobody else's, and on a GPU the writes queue on the same stream as the engine's work."""
 
-    request_id: str
     first_block: int
     block_ids: list[int]
     num_tokens: int

@@ -379,7 +379,7 @@ class Engine:
             self._flush_events()
             raise short
         seq.num_computed_tokens = reused * bs
-        reservation = KvReservation(request_id, reused, seq.block_table[reused:], num_tokens, self.runner.kv_cache)
+        reservation = KvReservation(reused, seq.block_table[reused:], num_tokens, self.runner.kv_cache)
         self.reservations[request_id] = (seq, reservation)
         self._flush_events()
         return reservation

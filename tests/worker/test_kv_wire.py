@@ -30,7 +30,7 @@ def reserved(export: KvExport, block_ids: list[int], first_block: int = 0) -> Kv
     """Blocks ``block_ids`` of a pool of the export's layout (twice its size), reserved for it."""
     shape = list(export.data.shape)
     pool = torch.zeros([*shape[:2], 2 * BLOCKS, *shape[3:]], dtype=export.data.dtype)
-    return KvReservation("r1", first_block, block_ids, export.num_tokens, pool)
+    return KvReservation(first_block, block_ids, export.num_tokens, pool)
 
 
 SCATTERED = [9, 2, 13, 4, 0, 11, 6]  # a pool after some churn hands out blocks in no order
