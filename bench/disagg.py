@@ -35,8 +35,9 @@ from kvmesh.config import WorkerSettings
 from kvmesh_proto.v1 import common_pb2, worker_pb2
 from services.worker.disagg import PulledPrefill, pull_prefill
 
-# As many parallel streams as a decode worker spreads a pull over by default (--transfer-streams).
+# As a decode worker pulls by default: its --transfer-streams, over its --transfer-transport.
 _STREAMS = WorkerSettings().transfer_streams
+_TCP = WorkerSettings().transfer_transport == "tcp"
 # Larger than any prompt: the whole prompt in one prefill step (within the engine's budget).
 ONE_STEP = 1 << 20
 BLOCK_SIZE = 16
@@ -56,7 +57,7 @@ async def _pull(address: str, request: worker_pb2.WorkerGenerateRequest, step_to
     which times the same prefill schedule with (almost) no transfer."""
     skip = 0 if send else (len(request.token_ids) - 1) // BLOCK_SIZE
     return await pull_prefill(address, request, 600, skip_blocks=skip, prefill_chunk_tokens=step_tokens,
-                              streams=_STREAMS)  # fmt: skip
+                              streams=_STREAMS, tcp=_TCP)  # fmt: skip
 
 
 async def measure_overlap(address: str, model: str, prompt_tokens: int = 1500, rounds: int = 3, seed: int = 0
@@ -103,13 +104,15 @@ async def serve_prefill_worker(args: argparse.Namespace) -> None:
     from services.engine import Engine, EngineConfig
     from services.engine.async_engine import AsyncEngine
     from services.worker.kv_wire import add_transfer_servicer
-    from services.worker.transfer_servicer import KvTransferServicer
+    from services.worker.transfer_servicer import KvTransferServicer, TransferSender
 
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, num_kv_blocks=args.kv_blocks,
                           max_num_batched_tokens=max(2048, args.prompt_tokens))  # fmt: skip
     engine = AsyncEngine(Engine(config))
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    add_transfer_servicer(KvTransferServicer(engine, args.prefill_chunk_tokens), server)
+    sender = TransferSender("127.0.0.1", 0)  # offers TCP, as a worker does
+    sender.tcp.start()
+    add_transfer_servicer(KvTransferServicer(engine, args.prefill_chunk_tokens, sender), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"PORT {port} MODEL {engine.engine.model_id}", flush=True)

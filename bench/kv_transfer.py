@@ -11,6 +11,8 @@ SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, bf16, 16-token blocks) for a p
   over loopback to the real receiving side (``receive_into`` writing into blocks reserved in a
   KV pool, as a decode worker does), over each of ``--streams`` parallel stream counts (the
   worker's ``--transfer-streams``);
+- tcp: the same pull with ``tcp_data`` (the worker's default ``--transfer-transport tcp``): the
+  chunks on as many plain TCP connections beside the call (``services/worker/kv_tcp.py``);
 - grpc raw bytes: the same encoded messages as opaque bytes on the same server and as many
   connections (no chunk work on either side): gRPC's own ceiling on this machine;
 - loopback: a raw TCP copy of the same bytes (``bench.serve.loopback_mb_per_s``), the ceiling.
@@ -44,11 +46,10 @@ from services.worker.kv_wire import (
     WireChunk,
     add_transfer_servicer,
     encode_chunk,
-    encoded_ahead,
     export_to_chunks,
     keep_transfer_buffers,
 )
-from services.worker.transfer_streams import TransferStreams
+from services.worker.transfer_servicer import TransferSender
 
 _RAW_SERVICE = "kvmesh.bench.RawBytes"
 
@@ -107,15 +108,15 @@ def time_serialize(pool: Pool, chunk_blocks: int) -> float:
 
 class _StreamingServicer(transfer_pb2_grpc.KvTransferServicer):
     """Streams the export's chunks, serialized as they are sent (as ``serve_prefill`` does),
-    dealt over the transfer's streams as the worker's ``KvTransferServicer`` deals them."""
+    through the worker's own ``TransferSender``: over the transfer's streams or TCP connections."""
 
     def __init__(self, export: KvExport, chunk_blocks: int) -> None:
         self.export, self.chunk_blocks = export, chunk_blocks
-        self.streams = TransferStreams()
+        self.sender = TransferSender("127.0.0.1", 0)
 
     async def PullBlocks(self, request, context):
         if request.stream_index:
-            async for message in encoded_ahead(self.streams.follow(request.transfer_id, request.stream_index)):
+            async for message in self.sender.follow(request.transfer_id, request.stream_index):
                 yield message
             return
 
@@ -123,7 +124,7 @@ class _StreamingServicer(transfer_pb2_grpc.KvTransferServicer):
             for chunk in chunks_of(self.export, self.chunk_blocks):
                 yield chunk
 
-        async for message in encoded_ahead(self.streams.deal(chunks(), request.transfer_id, request.streams)):
+        async for message in self.sender.send(chunks(), request):
             yield message
 
 
@@ -138,7 +139,9 @@ def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) ->
 
     async def run() -> None:
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
-        add_transfer_servicer(_StreamingServicer(export, chunk_blocks), server)
+        servicer = _StreamingServicer(export, chunk_blocks)
+        servicer.sender.tcp.start()
+        add_transfer_servicer(servicer, server)
         handler = grpc.unary_stream_rpc_method_handler(raw)  # bytes in, bytes out: no (de)serialization
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_RAW_SERVICE, {"Stream": handler}),))
         ports.put(server.add_insecure_port("127.0.0.1:0"))
@@ -148,12 +151,12 @@ def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) ->
     asyncio.run(run())
 
 
-async def _pull_once(address: str, pool: Pool, streams: int) -> float:
-    """One pull as the decode worker makes it (``receive_into``: its streams, its checks, into
-    reserved pool blocks)."""
+async def _pull_once(address: str, pool: Pool, streams: int, tcp: bool = False) -> float:
+    """One pull as the decode worker makes it (``receive_into``: its streams or TCP connections,
+    its checks, into reserved pool blocks)."""
     reservation = pool.reserve()
     start = time.perf_counter()
-    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=streams)
+    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=streams, tcp_data=tcp)
     await receive_into(ChunkAssembler(0, reservation), address, pull, timeout_s=60)
     seconds = time.perf_counter() - start
     pool.check(reservation)
@@ -174,21 +177,23 @@ async def _raw_once(address: str, streams: int) -> float:
     return time.perf_counter() - start
 
 
-def time_grpc(pool: Pool, chunk_blocks: int, runs: int, streams: list[int]) -> dict[int, tuple[list, list]]:
-    """Per stream count: (PullBlocks seconds, raw-bytes seconds) per run, interleaved."""
+def time_grpc(pool: Pool, chunk_blocks: int, runs: int, streams: list[int]) -> dict[int, tuple[list, list, list]]:
+    """Per stream count: (PullBlocks seconds, raw-bytes seconds, TCP seconds) per run, interleaved."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
     server = ctx.Process(target=_serve, args=(pool.export, chunk_blocks, ports), daemon=True)
     server.start()
     try:
         address = f"127.0.0.1:{ports.get(timeout=60)}"
-        times: dict[int, tuple[list, list]] = {count: ([], []) for count in streams}
+        times: dict[int, tuple[list, list, list]] = {count: ([], [], []) for count in streams}
         for count in streams:
             asyncio.run(_pull_once(address, pool, count))  # warm-up: channels, first-call costs, the pool's pages
+            asyncio.run(_pull_once(address, pool, count, tcp=True))
         for _ in range(runs):
             for count in streams:
                 times[count][0].append(asyncio.run(_pull_once(address, pool, count)))
                 times[count][1].append(asyncio.run(_raw_once(address, count)))
+                times[count][2].append(asyncio.run(_pull_once(address, pool, count, tcp=True)))
         return times
     finally:
         server.terminate()
@@ -215,8 +220,8 @@ def measure(model: str, tokens: int, chunk_blocks: int, runs: int, streams: list
             "chunk_bytes": size // export.num_blocks * chunk_blocks, "runs": runs, "cpus": os.cpu_count(),
             "loopback_mb_per_s": loopback_rate, "loopback_before_after": loopback,
             "serialize": rate([serialize]),
-            "streams": {str(count): {"grpc": rate(pulls), "grpc_raw_bytes": rate(raws)}
-                        for count, (pulls, raws) in times.items()},
+            "streams": {str(count): {"grpc": rate(pulls), "grpc_raw_bytes": rate(raws), "tcp": rate(tcps)}
+                        for count, (pulls, raws, tcps) in times.items()},
             "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0]}  # fmt: skip
 
 
@@ -229,7 +234,8 @@ def print_result(r: dict) -> None:
     print(f"  {'serialize + assemble (in-process)':<44}{serialize['mb_per_s']:>8.0f}{serialize['ratio']:>13.0%}")
     for count, row in r["streams"].items():
         for label, key in ((f"gRPC PullBlocks, {count} stream(s)", "grpc"),
-                           (f"gRPC opaque bytes, {count} stream(s)", "grpc_raw_bytes")):
+                           (f"gRPC opaque bytes, {count} stream(s)", "grpc_raw_bytes"),
+                           (f"PullBlocks + TCP data, {count} connection(s)", "tcp")):
             print(f"  {label:<44}{row[key]['mb_per_s']:>8.0f}{row[key]['ratio']:>13.0%}")
     print(f"  {'raw loopback socket copy (before/after)':<44}{r['loopback_mb_per_s']:>8.0f}{1:>13.0%}")
     print(f"  1-min load average {r['loadavg_start']:.1f} at start, {r['loadavg_end']:.1f} at end")

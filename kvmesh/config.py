@@ -21,6 +21,7 @@ from typing import Any, TypeVar, get_type_hints
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 WORKER_ROLES = ("aggregated", "prefill", "decode")
+TRANSFER_TRANSPORTS = ("tcp", "grpc")
 ROUTER_MODES = ("kv", "round_robin", "random")
 KV_COSTS = ("ttft", "blocks")
 ENGINES = ("real", "mock")
@@ -162,6 +163,12 @@ class WorkerSettings(ServiceSettings):
         "decode worker: give up a KV pull after this long (then the next prefill worker, or prefill locally)"))
     transfer_streams: int = dataclasses.field(default=2, metadata=_help(
         "decode worker: parallel streams (connections) a KV pull is spread over, 1 to 16"))
+    transfer_transport: str = dataclasses.field(default="tcp", metadata=_help(
+        "decode worker: how pulled KV travels: tcp (plain connections beside the gRPC call, when the "
+        "sender offers them) or grpc (the call's own streams)"))
+    transfer_port: int = dataclasses.field(default=0, metadata=_help(
+        "TCP port this worker offers for sending KV (0 = any free port; -1 = none, send on gRPC); never "
+        "offered with TLS"))
     max_waiting_requests: int = dataclasses.field(
         default=64, metadata=_help("requests queued beyond the running batch before the worker refuses; 0 = no limit")
     )
@@ -182,6 +189,11 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("prefill_chunk_tokens must be >= 0 and transfer_timeout_s positive")
         if not 1 <= self.transfer_streams <= 16:
             raise ValueError(f"transfer_streams must be 1 to 16, got {self.transfer_streams}")
+        if self.transfer_transport not in TRANSFER_TRANSPORTS:
+            raise ValueError(f"transfer_transport must be one of {', '.join(TRANSFER_TRANSPORTS)}, "
+                             f"got {self.transfer_transport!r}")  # fmt: skip
+        if not -1 <= self.transfer_port <= 65535:
+            raise ValueError(f"transfer_port must be -1 to 65535, got {self.transfer_port}")
         if self.disk_cache_gb == -1.0:
             self.disk_cache_gb = 0.0 if self.device == "cuda" else 2.0
         if self.kv_cache_blocks < 0 or self.host_cache_gb < 0 or self.disk_cache_gb < 0:

@@ -44,6 +44,7 @@ from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
 from services.worker.kv_receive import ChunkAssembler, receive_into
+from services.worker.kv_tcp import DataConnectionError
 from services.worker.kv_wire import TransferError, WireChunk, closing_chunks, export_to_chunks
 from services.worker.metrics import TRANSFER_FALLBACKS
 from services.worker.request_trace import record_prefill_phases
@@ -71,6 +72,8 @@ class TransferStats:
 
     retries: int = 0
     fallbacks: int = 0
+    # Prefill workers whose offered TCP data port could not be reached: pulled over gRPC since.
+    no_tcp: set[str] = dataclasses.field(default_factory=set)
 
     def fell_back(self) -> None:
         """A request meant for remote prefill was prefilled here after all."""
@@ -163,9 +166,11 @@ async def serve_prefill(
 async def pull_prefill(
     prefill_address: str, request: worker_pb2.WorkerGenerateRequest, timeout_s: float, *,
     into: KvReservation | None = None, skip_blocks: int = 0, prefill_chunk_tokens: int = 0, streams: int = 1,
+    tcp: bool = False,
 ) -> PulledPrefill:
     """The decode worker's side: ask the prefill worker for the prompt's KV and first token
-    (over ``streams`` parallel streams), each chunk written into the reserved pool blocks
+    (over ``streams`` parallel streams, or TCP connections with ``tcp`` when the prefill worker
+    offers them), each chunk written into the reserved pool blocks
     ``into`` as it arrives; the blocks the reservation reuses are not asked for. Without
     ``into`` (a measurement with no pool: ``bench/disagg.py``), the blocks from ``skip_blocks``
     on are kept as they came."""
@@ -174,7 +179,8 @@ async def pull_prefill(
     assembler = ChunkAssembler(first_block, into)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=first_block,
-                                          prefill_chunk_tokens=prefill_chunk_tokens, streams=streams)  # fmt: skip
+                                          prefill_chunk_tokens=prefill_chunk_tokens, streams=streams,
+                                          tcp_data=tcp)  # fmt: skip
     first_chunk_at, first_chunk_bytes = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
     done = time.monotonic()
@@ -184,18 +190,24 @@ async def pull_prefill(
 
 async def pull_with_retries(
     prefill_addresses: list[str], request: worker_pb2.WorkerGenerateRequest, into: KvReservation, timeout_s: float,
-    stats: TransferStats, streams: int = 1,
+    stats: TransferStats, streams: int = 1, tcp: bool = False,
 ) -> PulledPrefill | None:
     """Pull from the first prefill worker that delivers (see the module doc); None when none
     did and the caller must prefill locally. A failed pull may have written some of the
     reserved blocks: the next one writes them all again, and none is named before the last
-    pull checked out."""
+    pull checked out. A prefill worker whose TCP data port cannot be reached is asked again
+    at once, and from then on, over gRPC."""
     pending = list(prefill_addresses)
     retried_same = False
     while pending:
         address = pending.pop(0)
         try:
-            return await pull_prefill(address, request, timeout_s, into=into, streams=streams)
+            return await pull_prefill(address, request, timeout_s, into=into, streams=streams,
+                                      tcp=tcp and address not in stats.no_tcp)  # fmt: skip
+        except DataConnectionError as exc:
+            log.warning("KV data port of %s unreachable (%s); pulling from it over gRPC from now on", address, exc)
+            stats.no_tcp.add(address)
+            pending.insert(0, address)
         except (grpc.aio.AioRpcError, TransferError) as exc:
             if not pending and isinstance(exc, TransferError) and not retried_same:
                 pending.append(address)

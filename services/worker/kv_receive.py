@@ -1,9 +1,10 @@
 """The receiving side of a KV transfer: ``PullBlocks`` streams read, every chunk checked, and
 its blocks written into place (a decode worker's reserved pool blocks) or kept (a peer fetch).
 
-Pulled over one or several parallel streams (``receive_into``); each message parsed without
-copying its payload (``decode_chunk``); chunks checked and placed in worker threads as they
-arrive, in any order (``ChunkAssembler``). The format is ``kv_wire.py``'s.
+Pulled over one or several parallel gRPC streams or TCP connections (``receive_into``,
+``kv_tcp.py``); each message parsed without copying its payload (``decode_chunk``); chunks
+checked and placed in worker threads as they arrive, in any order (``ChunkAssembler``). The
+format is ``kv_wire.py``'s.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import transfer_pb2
 from services.engine.kv_transfer import KvExport, KvReservation, dtype_of, place_blocks
+from services.worker.kv_tcp import receive_tcp
 from services.worker.kv_wire import DATA_FIELD, PULL_BLOCKS_METHOD, TransferError, checksum, read_varint
 
 
@@ -35,11 +37,38 @@ def pull_blocks(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
 async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_pb2.PullBlocksRequest,
                        timeout_s: float) -> tuple[float | None, int]:
     """Stream ``pull`` from the worker at ``address`` into ``assembler``, every chunk checked as it
-    arrives, over ``pull.streams`` parallel calls (each on its own connection); returns when the
+    arrives, over ``pull.streams`` parallel calls (each on its own connection) or, with
+    ``pull.tcp_data`` and a sender that offers it, as many TCP connections; returns when the
     first chunk arrived (``time.monotonic``, None if none did) and its size. A failure of any
     stream fails the whole transfer and cancels the others."""
     streams = max(1, pull.streams)
     first: list[tuple[float, int]] = []
+    deadline = time.monotonic() + timeout_s
+
+    async def add(chunk: transfer_pb2.KvBlockChunk, data: memoryview) -> None:
+        if not first:
+            first.append((time.monotonic(), len(data)))
+        await assembler.add_off_loop(chunk, data)
+
+    async def over_tcp(answer: transfer_pb2.KvBlockChunk) -> None:
+        """The chunks on the TCP connections the sender offered (``kv_tcp.py``)."""
+        if not pull.tcp_data or answer.block_indices or answer.last:
+            raise TransferError(f"{pull.request_id or pull.transfer_id}: an unasked or malformed data port offer")
+
+        async def on_message(message: memoryview) -> None:
+            try:
+                chunk, data = decode_chunk(message)
+            except DecodeError as exc:
+                raise TransferError(f"{pull.request_id or pull.transfer_id}: a frame on a data connection is "
+                                    f"not a KvBlockChunk ({exc})") from exc  # fmt: skip
+            await add(chunk, data)
+
+        try:  # within the pull's own deadline, as its gRPC calls are
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await all_or_nothing([receive_tcp(address, answer.data_port, answer.data_token, index, timeout_s,
+                                                  on_message) for index in range(streams)])  # fmt: skip
+        except TimeoutError as exc:
+            raise TransferError(f"{pull.request_id or pull.transfer_id}: not received within {timeout_s}s") from exc
 
     async def receive(index: int, channel: grpc.aio.Channel) -> None:
         request = pull if index == 0 else transfer_pb2.PullBlocksRequest(
@@ -49,14 +78,15 @@ async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_p
                 raise TransferError(f"{pull.request_id or pull.transfer_id}: a message on stream {index} "
                                     "is not a KvBlockChunk")  # fmt: skip
             chunk, data = received
-            if not first:
-                first.append((time.monotonic(), len(data)))
-            await assembler.add_off_loop(chunk, data)
+            await (over_tcp(chunk) if chunk.data_port else add(chunk, data))
 
+    # Over TCP, one call negotiates and the connections carry the chunks (or, when the sender
+    # does not offer TCP, that call carries them all).
+    calls = 1 if pull.tcp_data else streams
     try:
         async with contextlib.AsyncExitStack() as stack:
-            channels = [await stack.enter_async_context(mesh_channel(address, own_connection=streams > 1))
-                        for _ in range(streams)]  # fmt: skip
+            channels = [await stack.enter_async_context(mesh_channel(address, own_connection=calls > 1))
+                        for _ in range(calls)]  # fmt: skip
             await all_or_nothing([receive(index, channel) for index, channel in enumerate(channels)])
     finally:
         await assembler.settle()
@@ -80,9 +110,10 @@ async def all_or_nothing(calls: list[Coroutine[Any, Any, None]]) -> None:
 # The receiving side's own parse of ``KvBlockChunk`` (same bytes on the wire, any protobuf
 # encoder may have written them): the generated parser would copy ``data`` into the message
 # and again into every ``chunk.data`` read; here it stays a view into gRPC's message bytes.
-def decode_chunk(message: bytes) -> tuple[transfer_pb2.KvBlockChunk, memoryview]:
-    """gRPC response deserializer for ``PullBlocks``: the chunk without ``data`` (every other
-    field parsed by protobuf) and ``data`` as a zero-copy view of ``message``."""
+def decode_chunk(message: bytes | memoryview) -> tuple[transfer_pb2.KvBlockChunk, memoryview]:
+    """gRPC response deserializer for ``PullBlocks`` (and the parse of a TCP data frame): the
+    chunk without ``data`` (every other field parsed by protobuf) and ``data`` as a zero-copy
+    view of ``message``."""
     view = memoryview(message)
     data_spans: list[tuple[int, int, int]] = []  # (field start, bytes start, bytes end)
     pos = 0

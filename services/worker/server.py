@@ -24,7 +24,7 @@ from services.worker.peer_fetch import PeerFetcher
 from services.worker.role_switch import RoleSwitch
 from services.worker.scratch_dir import ScratchDir, sweep_dead
 from services.worker.servicer import WorkerServicer
-from services.worker.transfer_servicer import KvTransferServicer
+from services.worker.transfer_servicer import KvTransferServicer, TransferSender
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,15 @@ async def serve(settings: WorkerSettings) -> None:
                         settings.peer_transfer_ms_per_block / 1000, settings.prefill_ms_per_block / 1000)
     servicer = WorkerServicer(async_engine, settings.instance_id, settings.role, settings.stats_interval_ms,
                               settings.transfer_timeout_s, settings.max_waiting_requests,
-                              peers if settings.peer_fetch else None, settings.transfer_streams)  # fmt: skip
+                              peers if settings.peer_fetch else None, settings.transfer_streams,
+                              settings.transfer_transport == "tcp" and not settings.tls_cert)  # fmt: skip
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, process.server)
     lifecycle = WorkerLifecycle(process, servicer)
     process.on_drain(lambda: lifecycle.drain(settings.drain_timeout_s))
-    transfer = KvTransferServicer(async_engine, settings.prefill_chunk_tokens)
-    add_transfer_servicer(transfer, process.server)
+    # KV sent over plain TCP connections on request, unless that port is off or the mesh runs TLS.
+    offers_tcp = settings.transfer_port >= 0 and not settings.tls_cert
+    sender = TransferSender(settings.host, settings.transfer_port) if offers_tcp else TransferSender()
+    add_transfer_servicer(KvTransferServicer(async_engine, settings.prefill_chunk_tokens, sender), process.server)
     publisher = KvEventPublisher(process.discovery, settings.instance_id, engine.model_id, async_engine,
                                  settings.event_flush_ms)  # fmt: skip
     engine.set_kv_event_callback(publisher.on_engine_events)
@@ -90,9 +93,13 @@ async def serve(settings: WorkerSettings) -> None:
     metrics.INFO.labels(settings.instance_id, settings.role, engine.model_id).set(1)
     try:
         await publisher.start()
+        if sender.tcp is not None:
+            sender.tcp.start()
         await process.run_until_signal(info)
     finally:
         await publisher.stop()
+        if sender.tcp is not None:
+            await sender.tcp.close()
         async_engine.shutdown()
         if scratch is not None:
             scratch.remove()

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine, worker_id: str, role: str, stats_interval_ms: int,
                  transfer_timeout_s: float = 60.0, max_waiting_requests: int = 0,
-                 peers: PeerFetcher | None = None, transfer_streams: int = 1) -> None:  # fmt: skip
+                 peers: PeerFetcher | None = None, transfer_streams: int = 1, transfer_tcp: bool = False
+                 ) -> None:  # fmt: skip
         self.engine = engine
         self.peers = peers
         # Requests beyond the running batch wait in the engine; past this many the worker refuses
@@ -48,6 +49,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.max_live = engine.engine.config.max_num_seqs + max_waiting_requests if max_waiting_requests else 0
         self.transfer_timeout_s = transfer_timeout_s
         self.transfer_streams = transfer_streams
+        self.transfer_tcp = transfer_tcp
         self.transfers = TransferStats()
         self.worker_id = worker_id
         self.role = role
@@ -203,7 +205,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._check_evicted(request.request_id)
         pull = asyncio.ensure_future(pull_with_retries(prefill_addresses, request, reservation,
                                                        self.transfer_timeout_s, self.transfers,
-                                                       self.transfer_streams))  # fmt: skip
+                                                       self.transfer_streams, self.transfer_tcp))  # fmt: skip
         self._pulls[request.request_id] = pull
         try:
             return await pull

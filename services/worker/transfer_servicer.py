@@ -14,6 +14,7 @@ from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.worker.disagg import serve_prefill
 from services.worker.errors import engine_errors_as_status
+from services.worker.kv_tcp import TcpDataListener
 from services.worker.kv_wire import WireChunk, encoded_ahead
 from services.worker.metrics import observe_transfer
 from services.worker.peer_fetch import serve_cached
@@ -37,11 +38,41 @@ def _on_the_wire(chunks: AsyncIterator[WireChunk]) -> AsyncIterator[bytes]:
     return encoded_ahead(_counted(chunks))
 
 
+class TransferSender:
+    """Where a pull's chunks go: its own stream, parallel streams (``TransferStreams``) or, when
+    asked and offered (``tcp``: a listener, None when the worker runs TLS), TCP connections."""
+
+    def __init__(self, tcp_host: str | None = None, tcp_port: int = 0) -> None:
+        self.streams = TransferStreams()
+        self.tcp = TcpDataListener(tcp_host, tcp_port, self.follow) if tcp_host is not None else None
+
+    def follow(self, transfer_id: str, index: int) -> AsyncIterator[bytes]:
+        """The encoded chunks dealt to stream (or TCP connection) ``index`` of a transfer."""
+        return _on_the_wire(self.streams.follow(transfer_id, index))
+
+    async def send(self, chunks: AsyncIterator[WireChunk], pull: transfer_pb2.PullBlocksRequest
+                   ) -> AsyncIterator[bytes]:  # fmt: skip
+        """Stream 0's messages: its share of ``chunks`` (all of them with one stream) or, over
+        TCP, only the offer of the data port, while the chunks are dealt to the connections."""
+        if not pull.tcp_data or self.tcp is None:
+            streams = 1 if pull.tcp_data else pull.streams  # TCP asked, not offered: all on this call
+            async for message in _on_the_wire(self.streams.deal(chunks, pull.transfer_id, streams)):
+                yield message
+            return
+        token = self.tcp.offer(pull.transfer_id, max(pull.streams, 1))
+        yield transfer_pb2.KvBlockChunk(
+            transfer_id=pull.transfer_id, request_id=pull.request_id, data_port=self.tcp.port, data_token=token
+        ).SerializeToString()
+        async for _ in self.streams.deal(chunks, pull.transfer_id, pull.streams, keep_own=False):
+            pass  # all dealt to the connections
+
+
 class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
-    def __init__(self, engine: AsyncEngine, prefill_chunk_tokens: int = 0) -> None:
+    def __init__(self, engine: AsyncEngine, prefill_chunk_tokens: int = 0, sender: TransferSender | None = None
+                 ) -> None:  # fmt: skip
         self.engine = engine
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.streams = TransferStreams()
+        self.sender = sender or TransferSender()
 
     async def PullBlocks(
         self, request: transfer_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
@@ -51,14 +82,13 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
                                 f"{request.streams}: a transfer takes 1 to {MAX_STREAMS} streams, numbered from 0")
         if request.stream_index:
             # Another stream of a transfer whose stream 0 carries the request: its share, as dealt.
-            async for message in _on_the_wire(self.streams.follow(request.transfer_id, request.stream_index)):
+            async for message in self.sender.follow(request.transfer_id, request.stream_index):
                 yield message
             return
         if not request.HasField("request"):
             # A peer fetch: only what this worker already holds, nothing computed.
             async with engine_errors_as_status(context):
-                cached = _as_stream(await serve_cached(self.engine, request))
-                async for message in _on_the_wire(self.streams.deal(cached, request.transfer_id, request.streams)):
+                async for message in self.sender.send(_as_stream(await serve_cached(self.engine, request)), request):
                     yield message
             return
         model = self.engine.engine.model_id
@@ -70,6 +100,6 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
         with trace.use_span(span, end_on_exit=True):
             async with engine_errors_as_status(context):
                 chunks = serve_prefill(self.engine, request, self.prefill_chunk_tokens)
-                async for message in _on_the_wire(self.streams.deal(chunks, request.transfer_id, request.streams)):
+                async for message in self.sender.send(chunks, request):
                     yield message
 

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.worker.kv_wire import WireChunk
+from services.worker.kv_wire import TransferError, WireChunk
 
 MAX_STREAMS = 16
 UNCLAIMED_S = 30.0
@@ -42,15 +42,17 @@ class TransferStreams:
     def _share(self, transfer_id: str, index: int) -> _Share:
         return self._shares.setdefault((transfer_id, index), _Share())
 
-    async def deal(self, chunks: AsyncIterator[WireChunk], transfer_id: str, streams: int) -> AsyncIterator[WireChunk]:
+    async def deal(self, chunks: AsyncIterator[WireChunk], transfer_id: str, streams: int,
+                   keep_own: bool = True) -> AsyncIterator[WireChunk]:  # fmt: skip
         """Stream 0's side: yields its own share of ``chunks`` and hands the others theirs (with
-        one stream, all of them are its own)."""
-        streams = max(streams, 1)
-        shares = [self._share(transfer_id, index) for index in range(1, streams)]
+        one stream, all of them are its own). Without ``keep_own`` (the chunks go on TCP
+        connections, ``kv_tcp.py``) it yields nothing and deals them all, to shares 1..``streams``."""
+        streams, first = max(streams, 1), 0 if keep_own else 1
+        shares = [self._share(transfer_id, index) for index in range(1, streams + first)]
         try:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
-                    index = chunk.header.chunk_index % streams
+                    index = chunk.header.chunk_index % streams + first
                     if index:
                         shares[index - 1].chunks.put_nowait(chunk)
                     else:
@@ -59,11 +61,13 @@ class TransferStreams:
             for share in shares:
                 share.chunks.put_nowait(None)
             if shares:
-                asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, streams)
+                asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, len(shares))
 
     async def follow(self, transfer_id: str, index: int) -> AsyncIterator[WireChunk]:
         """Stream ``index``'s side (1..): the chunks dealt to it, until the transfer ends."""
         share = self._share(transfer_id, index)
+        if share.claimed:
+            raise TransferError(f"stream {index} of transfer {transfer_id} is being read already")
         share.claimed = True
         try:
             while (chunk := await share.chunks.get()) is not None:
@@ -71,8 +75,8 @@ class TransferStreams:
         finally:
             self._shares.pop((transfer_id, index), None)
 
-    def _drop_unclaimed(self, transfer_id: str, streams: int) -> None:
-        for index in range(1, streams):
+    def _drop_unclaimed(self, transfer_id: str, shares: int) -> None:
+        for index in range(1, shares + 1):
             share = self._shares.get((transfer_id, index))
             if share is not None and not share.claimed:
                 del self._shares[(transfer_id, index)]

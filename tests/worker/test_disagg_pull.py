@@ -9,6 +9,7 @@ fallback the design promises is what happened, and no KV block stays allocated o
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from services.engine import Engine, EngineConfig, SamplingParams
 from services.engine.async_engine import AsyncEngine
 from services.worker.kv_wire import add_transfer_servicer
 from services.worker.servicer import WorkerServicer
-from services.worker.transfer_servicer import KvTransferServicer
+from services.worker.transfer_servicer import KvTransferServicer, TransferSender
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 8
@@ -60,8 +61,16 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
                     await asyncio.Event().wait()  # until the decode worker's deadline cancels the call
                 elif at and fault == "evict":  # the receiver's cache is emptied mid-pull
                     await self.evict.run(lambda e: e.reset_prefix_cache())
+                elif chunk.data_port and fault == "unreachable":  # a data port behind a firewall
+                    chunk.data_port = closed_port()
                 index += 1
                 yield chunk
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then closed)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        return listener.getsockname()[1]
 
 
 def small_engine() -> AsyncEngine:
@@ -103,7 +112,8 @@ async def serve(add: object, servicer: object) -> tuple[grpc.aio.Server, str]:
 @pytest.fixture
 async def workers(prefill_engine: AsyncEngine, decode_engine: AsyncEngine) -> AsyncIterator[Workers]:
     # 64-token prefill steps: a ~200-token prompt streams as several chunks, so faults land mid-transfer.
-    transfer = KvTransferServicer(prefill_engine, prefill_chunk_tokens=64)
+    transfer = KvTransferServicer(prefill_engine, prefill_chunk_tokens=64, sender=TransferSender("127.0.0.1", 0))
+    transfer.sender.tcp.start()  # offered only to a decode worker with transfer_tcp (see the TCP tests)
     prefill, prefill_address = await serve(add_transfer_servicer, transfer)
     proxy = TamperingProxy(prefill_address)
     proxy_server, proxy_address = await serve(transfer_pb2_grpc.add_KvTransferServicer_to_server, proxy)
@@ -113,6 +123,7 @@ async def workers(prefill_engine: AsyncEngine, decode_engine: AsyncEngine) -> As
     yield Workers(prefill_address, transfer, proxy, proxy_address, decode, decode_address)
     for server in (decode_server, proxy_server, prefill):
         await server.stop(0)
+    await transfer.sender.tcp.close()
 
 
 def prompt_ids(tokenizer, topic: str) -> list[int]:
@@ -231,7 +242,7 @@ async def test_a_pull_spread_over_three_streams_gives_the_same_output(workers, e
     finally:
         workers.decode.transfer_streams = 1
     assert (workers.proxy.pulls, workers.proxy.calls) == (1, 3)
-    assert len(workers.prefill.streams) == 0  # no share left waiting for a stream
+    assert len(workers.prefill.sender.streams) == 0  # no share left waiting for a stream
     await assert_no_blocks_held(prefill_engine, decode_engine)
 
 
@@ -249,5 +260,42 @@ async def test_a_corrupted_chunk_on_another_stream_fails_the_whole_pull_and_it_i
     assert tokens == expected(engine, prompt)
     assert (workers.proxy.pulls, workers.proxy.calls) == (2, 4)  # the same prefill worker, asked again
     assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0] + 1, before[1])
-    assert len(workers.prefill.streams) == 0
+    assert len(workers.prefill.sender.streams) == 0
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_a_pull_over_tcp_connections_gives_the_same_output(workers, engine, tokenizer, prefill_engine,
+                                                                 decode_engine):  # fmt: skip
+    prompt = prompt_ids(tokenizer, "lantern")
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    workers.decode.transfer_tcp, workers.decode.transfer_streams = True, 2
+    try:
+        assert await decode(workers, prompt, "tcp-1") == expected(engine, prompt)
+    finally:
+        workers.decode.transfer_tcp, workers.decode.transfer_streams = False, 1
+    assert (workers.proxy.pulls, workers.proxy.calls) == (1, 1)  # one call; the KV came on two connections
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
+    assert len(workers.prefill.sender.streams) == 0
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_an_unreachable_data_port_is_pulled_from_over_grpc_instead(workers, engine, tokenizer, prefill_engine,
+                                                                         decode_engine):  # fmt: skip
+    """The offered port cannot be reached: the same prefill worker is asked again at once over
+    gRPC (no retry elsewhere, no local prefill), and over gRPC from then on."""
+    prompt = prompt_ids(tokenizer, "quarry")
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    workers.decode.transfer_tcp = True
+    workers.proxy.faults = ["unreachable"]
+    try:
+        assert await decode(workers, prompt, "tcp-unreachable-1") == expected(engine, prompt)
+        assert workers.decode.transfers.no_tcp == {workers.proxy_address}
+        assert await decode(workers, prompt_ids(tokenizer, "quarry two"), "tcp-unreachable-2") == expected(
+            engine, prompt_ids(tokenizer, "quarry two"))  # fmt: skip
+    finally:
+        workers.decode.transfer_tcp = False
+        workers.decode.transfers.no_tcp.clear()
+    assert workers.proxy.pulls == 3
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
+    await asyncio.sleep(0)
     await assert_no_blocks_held(prefill_engine, decode_engine)
