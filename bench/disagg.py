@@ -31,7 +31,7 @@ import statistics
 import uuid
 from pathlib import Path
 
-from kvmesh.config import WorkerSettings
+from kvmesh.config import TRANSFER_TRANSPORTS, WorkerSettings
 from kvmesh_proto.v1 import common_pb2, worker_pb2
 from services.worker.disagg import PulledPrefill, pull_prefill
 
@@ -51,24 +51,25 @@ def _fresh_request(rng: random.Random, model: str, prompt_tokens: int) -> worker
     )  # fmt: skip
 
 
-async def _pull(address: str, request: worker_pb2.WorkerGenerateRequest, step_tokens: int, send: bool
-                ) -> PulledPrefill:  # fmt: skip
+async def _pull(address: str, request: worker_pb2.WorkerGenerateRequest, step_tokens: int, send: bool,
+                tcp: bool) -> PulledPrefill:  # fmt: skip
     """A pull of a fresh prompt; ``send=False`` skips every full block (only the tail travels),
     which times the same prefill schedule with (almost) no transfer."""
     skip = 0 if send else (len(request.token_ids) - 1) // BLOCK_SIZE
     return await pull_prefill(address, request, 600, skip_blocks=skip, prefill_chunk_tokens=step_tokens,
-                              streams=_STREAMS, tcp=_TCP)  # fmt: skip
+                              streams=_STREAMS, tcp=tcp)  # fmt: skip
 
 
-async def measure_overlap(address: str, model: str, prompt_tokens: int = 1500, rounds: int = 3, seed: int = 0
-                          ) -> dict:  # fmt: skip
-    """Medians over ``rounds`` of compute, transfer and both TTFTs on ``address`` (a prefill worker)."""
+async def measure_overlap(address: str, model: str, prompt_tokens: int = 1500, rounds: int = 3, seed: int = 0,
+                          tcp: bool = _TCP) -> dict:  # fmt: skip
+    """Medians over ``rounds`` of compute, transfer and both TTFTs on ``address`` (a prefill worker),
+    pulled over TCP data connections or (``tcp=False``) gRPC streams."""
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {k: [] for k in ("compute_off", "compute_on", "off", "on", "rate", "size")}
     for _ in range(rounds):
         for name, step_tokens, send in (("compute_off", ONE_STEP, False), ("off", ONE_STEP, True),
                                         ("compute_on", 0, False), ("on", 0, True)):  # fmt: skip
-            pulled = await _pull(address, _fresh_request(rng, model, prompt_tokens), step_tokens, send)
+            pulled = await _pull(address, _fresh_request(rng, model, prompt_tokens), step_tokens, send, tcp)
             samples[name].append(pulled.seconds)
             if name == "off":
                 total = pulled.assembler.bytes_received
@@ -78,6 +79,7 @@ async def measure_overlap(address: str, model: str, prompt_tokens: int = 1500, r
     transfer = med["size"] / med["rate"]
     exposed_on = med["on"] - med["compute_on"]
     return {"prompt_tokens": prompt_tokens, "rounds": rounds, "bytes": int(med["size"]),
+            "transport": "tcp" if tcp else "grpc", "streams": _STREAMS,
             "compute_ms": med["compute_on"] * 1000, "compute_one_step_ms": med["compute_off"] * 1000,
             "transfer_ms": transfer * 1000, "transfer_mb_per_s": med["rate"] / 1e6,
             "ttft_overlap_off_ms": med["off"] * 1000, "ttft_overlap_on_ms": med["on"] * 1000,
@@ -132,7 +134,8 @@ def measure_standalone(args: argparse.Namespace) -> dict:
         if not line.startswith("PORT "):
             raise RuntimeError(f"the prefill worker did not start: {line!r}")
         _, port, _, model = line.split()
-        return asyncio.run(measure_overlap(f"127.0.0.1:{port}", model, args.prompt_tokens, args.rounds))
+        return asyncio.run(measure_overlap(f"127.0.0.1:{port}", model, args.prompt_tokens, args.rounds,
+                                           tcp=args.transfer_transport == "tcp"))  # fmt: skip
     finally:
         child.terminate()
         child.wait(30)
@@ -156,6 +159,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kv-blocks", type=int, default=2048)
     parser.add_argument("--prefill-chunk-tokens", type=int, default=256)
+    parser.add_argument("--transfer-transport", choices=TRANSFER_TRANSPORTS, default="tcp" if _TCP else "grpc",
+                        help="pull over TCP data connections or gRPC streams (the decode worker's flag)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/disagg-overlap.json"))
     args = parser.parse_args()
     if args.serve_prefill:
@@ -168,7 +173,8 @@ def main() -> None:
 
         with BenchStack(0, ["kv"], prefill=1, decode=1) as stack:
             prefill = asyncio.run(stack.worker_info("prefill"))
-            result = asyncio.run(measure_overlap(prefill.address, prefill.model, args.prompt_tokens, args.rounds))
+            result = asyncio.run(measure_overlap(prefill.address, prefill.model, args.prompt_tokens, args.rounds,
+                                                 tcp=args.transfer_transport == "tcp"))  # fmt: skip
     result.update(device=args.device, model=args.model if args.standalone else "stack default",
                   dtype=args.dtype if args.standalone else "stack default")  # fmt: skip
     print_overlap(result)

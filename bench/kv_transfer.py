@@ -11,8 +11,8 @@ SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, bf16, 16-token blocks) for a p
   over loopback to the real receiving side (``receive_into`` writing into blocks reserved in a
   KV pool, as a decode worker does), over each of ``--streams`` parallel stream counts (the
   worker's ``--transfer-streams``);
-- tcp: the same pull with ``tcp_data`` (the worker's default ``--transfer-transport tcp``): the
-  chunks on as many plain TCP connections beside the call (``services/worker/kv_tcp.py``);
+- tcp: the same pull with ``tcp_connections`` (the worker's default ``--transfer-transport tcp``):
+  the chunks on as many plain TCP connections beside the call (``services/worker/kv_tcp.py``);
 - grpc raw bytes: the same encoded messages as opaque bytes on the same server and as many
   connections (no chunk work on either side): gRPC's own ceiling on this machine;
 - loopback: a raw TCP copy of the same bytes (``bench.serve.loopback_mb_per_s``), the ceiling.
@@ -156,7 +156,8 @@ async def _pull_once(address: str, pool: Pool, streams: int, tcp: bool = False) 
     its checks, into reserved pool blocks)."""
     reservation = pool.reserve()
     start = time.perf_counter()
-    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=streams, tcp_data=tcp)
+    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=1 if tcp else streams,
+                                          tcp_connections=streams if tcp else 0)  # fmt: skip
     await receive_into(ChunkAssembler(0, reservation), address, pull, timeout_s=60)
     seconds = time.perf_counter() - start
     pool.check(reservation)
@@ -177,6 +178,21 @@ async def _raw_once(address: str, streams: int) -> float:
     return time.perf_counter() - start
 
 
+async def _time_all(address: str, pool: Pool, runs: int, streams: list[int]) -> dict[int, tuple[list, list, list]]:
+    """Every pull in one event loop, as a decode worker's (its thread pool warm); each pull opens
+    its own channels and connections, as a worker's does."""
+    times: dict[int, tuple[list, list, list]] = {count: ([], [], []) for count in streams}
+    for count in streams:
+        await _pull_once(address, pool, count)  # warm-up: first-call costs, the pool's pages
+        await _pull_once(address, pool, count, tcp=True)
+    for _ in range(runs):
+        for count in streams:
+            times[count][0].append(await _pull_once(address, pool, count))
+            times[count][1].append(await _raw_once(address, count))
+            times[count][2].append(await _pull_once(address, pool, count, tcp=True))
+    return times
+
+
 def time_grpc(pool: Pool, chunk_blocks: int, runs: int, streams: list[int]) -> dict[int, tuple[list, list, list]]:
     """Per stream count: (PullBlocks seconds, raw-bytes seconds, TCP seconds) per run, interleaved."""
     ctx = multiprocessing.get_context("spawn")
@@ -184,17 +200,7 @@ def time_grpc(pool: Pool, chunk_blocks: int, runs: int, streams: list[int]) -> d
     server = ctx.Process(target=_serve, args=(pool.export, chunk_blocks, ports), daemon=True)
     server.start()
     try:
-        address = f"127.0.0.1:{ports.get(timeout=60)}"
-        times: dict[int, tuple[list, list, list]] = {count: ([], [], []) for count in streams}
-        for count in streams:
-            asyncio.run(_pull_once(address, pool, count))  # warm-up: channels, first-call costs, the pool's pages
-            asyncio.run(_pull_once(address, pool, count, tcp=True))
-        for _ in range(runs):
-            for count in streams:
-                times[count][0].append(asyncio.run(_pull_once(address, pool, count)))
-                times[count][1].append(asyncio.run(_raw_once(address, count)))
-                times[count][2].append(asyncio.run(_pull_once(address, pool, count, tcp=True)))
-        return times
+        return asyncio.run(_time_all(f"127.0.0.1:{ports.get(timeout=60)}", pool, runs, streams))
     finally:
         server.terminate()
         server.join()

@@ -51,6 +51,8 @@ from services.worker.request_trace import record_prefill_phases
 
 log = logging.getLogger(__name__)
 
+NO_TCP_S = 600.0
+
 
 @dataclasses.dataclass
 class PulledPrefill:
@@ -72,8 +74,15 @@ class TransferStats:
 
     retries: int = 0
     fallbacks: int = 0
-    # Prefill workers whose offered TCP data port could not be reached: pulled over gRPC since.
-    no_tcp: set[str] = dataclasses.field(default_factory=set)
+    # Prefill workers whose offered TCP data port could not be reached, and until when (monotonic)
+    # they are pulled from over gRPC instead.
+    no_tcp: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def tcp_reachable(self, address: str) -> bool:
+        until = self.no_tcp.get(address)
+        if until is not None and time.monotonic() >= until:
+            del self.no_tcp[address]
+        return address not in self.no_tcp
 
     def fell_back(self) -> None:
         """A request meant for remote prefill was prefilled here after all."""
@@ -179,8 +188,8 @@ async def pull_prefill(
     assembler = ChunkAssembler(first_block, into)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=first_block,
-                                          prefill_chunk_tokens=prefill_chunk_tokens, streams=streams,
-                                          tcp_data=tcp)  # fmt: skip
+                                          prefill_chunk_tokens=prefill_chunk_tokens, streams=1 if tcp else streams,
+                                          tcp_connections=streams if tcp else 0)  # fmt: skip
     first_chunk_at, first_chunk_bytes = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
     done = time.monotonic()
@@ -196,17 +205,18 @@ async def pull_with_retries(
     did and the caller must prefill locally. A failed pull may have written some of the
     reserved blocks: the next one writes them all again, and none is named before the last
     pull checked out. A prefill worker whose TCP data port cannot be reached is asked again
-    at once, and from then on, over gRPC."""
+    at once, and for ``NO_TCP_S``, over gRPC."""
     pending = list(prefill_addresses)
     retried_same = False
     while pending:
         address = pending.pop(0)
         try:
             return await pull_prefill(address, request, timeout_s, into=into, streams=streams,
-                                      tcp=tcp and address not in stats.no_tcp)  # fmt: skip
+                                      tcp=tcp and stats.tcp_reachable(address))  # fmt: skip
         except DataConnectionError as exc:
-            log.warning("KV data port of %s unreachable (%s); pulling from it over gRPC from now on", address, exc)
-            stats.no_tcp.add(address)
+            log.warning("KV data port of %s unreachable (%s); pulling from it over gRPC for %.0fs", address, exc,
+                        NO_TCP_S)  # fmt: skip
+            stats.no_tcp[address] = time.monotonic() + NO_TCP_S
             pending.insert(0, address)
         except (grpc.aio.AioRpcError, TransferError) as exc:
             if not pending and isinstance(exc, TransferError) and not retried_same:

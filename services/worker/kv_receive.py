@@ -24,7 +24,7 @@ from kvmesh.grpc_service import mesh_channel
 from kvmesh.telemetry import outgoing_metadata
 from kvmesh_proto.v1 import transfer_pb2
 from services.engine.kv_transfer import KvExport, KvReservation, dtype_of, place_blocks
-from services.worker.kv_tcp import receive_tcp
+from services.worker.kv_tcp import TOKEN_BYTES, receive_tcp
 from services.worker.kv_wire import DATA_FIELD, PULL_BLOCKS_METHOD, TransferError, checksum, read_varint
 
 
@@ -38,60 +38,71 @@ async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_p
                        timeout_s: float) -> tuple[float | None, int]:
     """Stream ``pull`` from the worker at ``address`` into ``assembler``, every chunk checked as it
     arrives, over ``pull.streams`` parallel calls (each on its own connection) or, with
-    ``pull.tcp_data`` and a sender that offers it, as many TCP connections; returns when the
-    first chunk arrived (``time.monotonic``, None if none did) and its size. A failure of any
-    stream fails the whole transfer and cancels the others."""
+    ``pull.tcp_connections`` and a sender that offers it, that many TCP connections beside one
+    call; returns when the first chunk arrived (``time.monotonic``, None if none did) and its
+    size. A failure of any stream or connection fails the whole transfer and cancels the others."""
     streams = max(1, pull.streams)
     first: list[tuple[float, int]] = []
     deadline = time.monotonic() + timeout_s
+    name = pull.request_id or pull.transfer_id
 
     async def add(chunk: transfer_pb2.KvBlockChunk, data: memoryview) -> None:
         if not first:
             first.append((time.monotonic(), len(data)))
         await assembler.add_off_loop(chunk, data)
 
-    async def over_tcp(answer: transfer_pb2.KvBlockChunk) -> None:
-        """The chunks on the TCP connections the sender offered (``kv_tcp.py``)."""
-        if not pull.tcp_data or answer.block_indices or answer.last:
-            raise TransferError(f"{pull.request_id or pull.transfer_id}: an unasked or malformed data port offer")
+    async def on_frame(message: memoryview) -> None:
+        try:
+            chunk, data = decode_chunk(message)
+        except DecodeError as exc:
+            raise TransferError(f"{name}: a frame on a data connection is not a KvBlockChunk ({exc})") from exc
+        await add(chunk, data)
 
-        async def on_message(message: memoryview) -> None:
-            try:
-                chunk, data = decode_chunk(message)
-            except DecodeError as exc:
-                raise TransferError(f"{pull.request_id or pull.transfer_id}: a frame on a data connection is "
-                                    f"not a KvBlockChunk ({exc})") from exc  # fmt: skip
-            await add(chunk, data)
-
-        try:  # within the pull's own deadline, as its gRPC calls are
+    async def over_tcp(offer: transfer_pb2.KvBlockChunk) -> None:
+        """The chunks on the TCP connections the sender offered (``kv_tcp.py``), within the
+        pull's own deadline, as its gRPC calls are."""
+        try:
             async with asyncio.timeout(deadline - time.monotonic()):
-                await all_or_nothing([receive_tcp(address, answer.data_port, answer.data_token, index, timeout_s,
-                                                  on_message) for index in range(streams)])  # fmt: skip
+                await all_or_nothing([receive_tcp(address, offer.data_port, offer.data_token, index, on_frame)
+                                      for index in range(pull.tcp_connections)])  # fmt: skip
         except TimeoutError as exc:
-            raise TransferError(f"{pull.request_id or pull.transfer_id}: not received within {timeout_s}s") from exc
+            raise TransferError(f"{name}: not received within {timeout_s}s") from exc
 
     async def receive(index: int, channel: grpc.aio.Channel) -> None:
         request = pull if index == 0 else transfer_pb2.PullBlocksRequest(
             transfer_id=pull.transfer_id, request_id=pull.request_id, streams=streams, stream_index=index)
+        messages, offered = 0, False
         async for received in pull_blocks(channel)(request, timeout=timeout_s, metadata=outgoing_metadata()):
             if received is None:  # gRPC logs a message decode_chunk refused and hands on None
-                raise TransferError(f"{pull.request_id or pull.transfer_id}: a message on stream {index} "
-                                    "is not a KvBlockChunk")  # fmt: skip
+                raise TransferError(f"{name}: a message on stream {index} is not a KvBlockChunk")
             chunk, data = received
-            await (over_tcp(chunk) if chunk.data_port else add(chunk, data))
+            messages += 1
+            if offered:
+                raise TransferError(f"{name}: a message on the call after its data port offer")
+            if chunk.data_port or chunk.data_token:
+                check_offer(chunk, pull, messages)
+                offered = True
+                await over_tcp(chunk)
+            else:
+                await add(chunk, data)
 
-    # Over TCP, one call negotiates and the connections carry the chunks (or, when the sender
-    # does not offer TCP, that call carries them all).
-    calls = 1 if pull.tcp_data else streams
     try:
         async with contextlib.AsyncExitStack() as stack:
-            channels = [await stack.enter_async_context(mesh_channel(address, own_connection=calls > 1))
-                        for _ in range(calls)]  # fmt: skip
+            channels = [await stack.enter_async_context(mesh_channel(address, own_connection=streams > 1))
+                        for _ in range(streams)]  # fmt: skip
             await all_or_nothing([receive(index, channel) for index, channel in enumerate(channels)])
     finally:
         await assembler.settle()
     assembler.check_complete()
     return first[0] if first else (None, 0)
+
+
+def check_offer(offer: transfer_pb2.KvBlockChunk, pull: transfer_pb2.PullBlocksRequest, position: int) -> None:
+    """A data port offer must answer a pull that asked for one, come first and carry nothing else."""
+    if not pull.tcp_connections or position != 1 or offer.block_indices or offer.last \
+            or len(offer.data_token) != TOKEN_BYTES or not 0 < offer.data_port < 65536:
+        raise TransferError(f"{pull.request_id or pull.transfer_id}: an unasked or malformed data port offer "
+                            f"(message {position}, port {offer.data_port})")  # fmt: skip
 
 
 async def all_or_nothing(calls: list[Coroutine[Any, Any, None]]) -> None:

@@ -99,7 +99,7 @@ async def serve(settings: WorkerSettings) -> None:
     finally:
         await publisher.stop()
         if sender.tcp is not None:
-            await sender.tcp.close()
+            await sender.tcp.close(settings.drain_timeout_s)  # lets data connections still sending finish
         async_engine.shutdown()
         if scratch is not None:
             scratch.remove()

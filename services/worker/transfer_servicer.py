@@ -54,17 +54,22 @@ class TransferSender:
                    ) -> AsyncIterator[bytes]:  # fmt: skip
         """Stream 0's messages: its share of ``chunks`` (all of them with one stream) or, over
         TCP, only the offer of the data port, while the chunks are dealt to the connections."""
-        if not pull.tcp_data or self.tcp is None:
-            streams = 1 if pull.tcp_data else pull.streams  # TCP asked, not offered: all on this call
-            async for message in _on_the_wire(self.streams.deal(chunks, pull.transfer_id, streams)):
+        connections = min(pull.tcp_connections, MAX_STREAMS)
+        if not connections or self.tcp is None:  # TCP not asked, or not offered: on gRPC streams
+            async for message in _on_the_wire(self.streams.deal(chunks, pull.transfer_id, pull.streams)):
                 yield message
             return
-        token = self.tcp.offer(pull.transfer_id, max(pull.streams, 1))
-        yield transfer_pb2.KvBlockChunk(
-            transfer_id=pull.transfer_id, request_id=pull.request_id, data_port=self.tcp.port, data_token=token
-        ).SerializeToString()
-        async for _ in self.streams.deal(chunks, pull.transfer_id, pull.streams, keep_own=False):
-            pass  # all dealt to the connections
+        token = self.tcp.offer(pull.transfer_id, connections)
+        dealt = False
+        try:
+            yield transfer_pb2.KvBlockChunk(transfer_id=pull.transfer_id, request_id=pull.request_id,
+                                            data_port=self.tcp.port, data_token=token).SerializeToString()
+            async for _ in self.streams.deal(chunks, pull.transfer_id, connections, keep_own=False):
+                pass  # all handed to the connections
+            dealt = True
+        finally:
+            if not dealt:  # the call ended before the deal did (or began): end its connections
+                self.streams.end(pull.transfer_id, connections)
 
 
 class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
@@ -80,6 +85,10 @@ class KvTransferServicer(transfer_pb2_grpc.KvTransferServicer):
         if request.streams > MAX_STREAMS or request.stream_index >= max(request.streams, 1):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream {request.stream_index} of "
                                 f"{request.streams}: a transfer takes 1 to {MAX_STREAMS} streams, numbered from 0")
+        if request.tcp_connections > MAX_STREAMS or (request.tcp_connections and request.streams > 1):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.tcp_connections} TCP connections "
+                                f"and {request.streams} streams: a transfer takes up to {MAX_STREAMS} connections, "
+                                "on one stream")  # fmt: skip
         if request.stream_index:
             # Another stream of a transfer whose stream 0 carries the request: its share, as dealt.
             async for message in self.sender.follow(request.transfer_id, request.stream_index):

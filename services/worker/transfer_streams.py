@@ -22,11 +22,16 @@ MAX_STREAMS = 16
 UNCLAIMED_S = 30.0
 
 
+# Chunks dealt to a stream and not yet taken by it: the dealing waits for room beyond this many,
+# so a slow stream paces the transfer (and the call that deals ends with it, not long before).
+SHARE_DEPTH = 2
+
+
 @dataclass
 class _Share:
     """One stream's chunks (None ends them) and whether its call has come for them."""
 
-    chunks: asyncio.Queue[WireChunk | None] = field(default_factory=asyncio.Queue)
+    chunks: asyncio.Queue[WireChunk | None] = field(default_factory=lambda: asyncio.Queue(SHARE_DEPTH))
     claimed: bool = False
 
 
@@ -49,19 +54,35 @@ class TransferStreams:
         connections, ``kv_tcp.py``) it yields nothing and deals them all, to shares 1..``streams``."""
         streams, first = max(streams, 1), 0 if keep_own else 1
         shares = [self._share(transfer_id, index) for index in range(1, streams + first)]
+        ended = False
         try:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     index = chunk.header.chunk_index % streams + first
                     if index:
-                        shares[index - 1].chunks.put_nowait(chunk)
+                        await shares[index - 1].chunks.put(chunk)
                     else:
                         yield chunk
-        finally:
             for share in shares:
-                share.chunks.put_nowait(None)
-            if shares:
+                await share.chunks.put(None)
+            ended = True
+        finally:
+            if not ended:
+                self.end(transfer_id, len(shares))
+            elif shares:
                 asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, len(shares))
+
+    def end(self, transfer_id: str, shares: int) -> None:
+        """End shares 1..``shares`` of a transfer that did not end in order (failed, cancelled, or
+        never dealt): what they still hold is dropped, their streams end; the ones nobody
+        claimed are dropped after ``UNCLAIMED_S``."""
+        for index in range(1, shares + 1):
+            share = self._shares.get((transfer_id, index))
+            if share is not None:
+                while not share.chunks.empty():
+                    share.chunks.get_nowait()
+                share.chunks.put_nowait(None)
+        asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, shares)
 
     async def follow(self, transfer_id: str, index: int) -> AsyncIterator[WireChunk]:
         """Stream ``index``'s side (1..): the chunks dealt to it, until the transfer ends."""
@@ -80,3 +101,4 @@ class TransferStreams:
             share = self._shares.get((transfer_id, index))
             if share is not None and not share.claimed:
                 del self._shares[(transfer_id, index)]
+

@@ -39,6 +39,7 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
         self.pulls = 0  # transfers (calls of their stream 0)
         self.calls = 0  # calls of any stream
         self.skipped: list[int] = []  # each transfer's skip_blocks
+        self.tcp: list[int] = []  # each transfer's tcp_connections (0: over gRPC)
         self.evict: AsyncEngine | None = None  # the engine whose cache an "evict" fault empties
 
     async def PullBlocks(
@@ -49,6 +50,7 @@ class TamperingProxy(transfer_pb2_grpc.KvTransferServicer):
         self.calls += 1
         if not request.stream_index:
             self.skipped.append(request.skip_blocks)
+            self.tcp.append(request.tcp_connections)
         async with mesh_channel(self.target) as channel:
             index = 0
             async for chunk in transfer_pb2_grpc.KvTransferStub(channel).PullBlocks(request):
@@ -273,7 +275,7 @@ async def test_a_pull_over_tcp_connections_gives_the_same_output(workers, engine
         assert await decode(workers, prompt, "tcp-1") == expected(engine, prompt)
     finally:
         workers.decode.transfer_tcp, workers.decode.transfer_streams = False, 1
-    assert (workers.proxy.pulls, workers.proxy.calls) == (1, 1)  # one call; the KV came on two connections
+    assert (workers.proxy.pulls, workers.proxy.calls, workers.proxy.tcp) == (1, 1, [2])  # the KV came on 2 connections
     assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
     assert len(workers.prefill.sender.streams) == 0
     await assert_no_blocks_held(prefill_engine, decode_engine)
@@ -289,13 +291,40 @@ async def test_an_unreachable_data_port_is_pulled_from_over_grpc_instead(workers
     workers.proxy.faults = ["unreachable"]
     try:
         assert await decode(workers, prompt, "tcp-unreachable-1") == expected(engine, prompt)
-        assert workers.decode.transfers.no_tcp == {workers.proxy_address}
+        assert list(workers.decode.transfers.no_tcp) == [workers.proxy_address]
         assert await decode(workers, prompt_ids(tokenizer, "quarry two"), "tcp-unreachable-2") == expected(
             engine, prompt_ids(tokenizer, "quarry two"))  # fmt: skip
     finally:
         workers.decode.transfer_tcp = False
         workers.decode.transfers.no_tcp.clear()
-    assert workers.proxy.pulls == 3
+    assert workers.proxy.tcp == [1, 0, 0]  # asked again at once over gRPC, and next time too
     assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
     await asyncio.sleep(0)
+    await assert_no_blocks_held(prefill_engine, decode_engine)
+
+
+async def test_a_corrupted_chunk_on_a_data_connection_is_rejected_and_the_pull_retried(
+    workers, engine, tokenizer, prefill_engine, decode_engine
+):
+    prompt = prompt_ids(tokenizer, "meadow")
+    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
+    listener = workers.prefill.sender.tcp
+    follow, corrupted = listener.shares, []
+
+    async def corrupting(transfer_id: str, index: int) -> AsyncIterator[bytes]:
+        async for message in follow(transfer_id, index):
+            if not corrupted:  # one byte of the KV of the transfer's first chunk, after its tag and length
+                corrupted.append(transfer_id)
+                message = message[:10] + bytes([message[10] ^ 0x01]) + message[11:]
+            yield message
+
+    listener.shares = corrupting
+    workers.decode.transfer_tcp = True
+    try:
+        tokens = await decode(workers, prompt, "tcp-corrupt-1")
+    finally:
+        listener.shares, workers.decode.transfer_tcp = follow, False
+    assert tokens == expected(engine, prompt)
+    assert corrupted and workers.proxy.tcp == [1, 1]  # the same worker asked again, over TCP again
+    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0] + 1, before[1])
     await assert_no_blocks_held(prefill_engine, decode_engine)

@@ -4,6 +4,7 @@ failed cleanly when the connection, its token or its bytes are wrong (real socke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import torch
 
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.kv_transfer import KvExport
+from services.worker import kv_tcp
 from services.worker.kv_receive import ChunkAssembler, receive_into
 from services.worker.kv_tcp import TOKEN_BYTES, DataConnectionError
 from services.worker.kv_wire import TransferError, add_transfer_servicer, export_to_chunks
@@ -54,6 +56,18 @@ class CorruptingSender(TransferSender):
             yield message[:10] + bytes([message[10] ^ 0x01]) + message[11:] if number == 1 else message
 
 
+class StallingSender(TransferSender):
+    """Its connections stall: before their first frame (``midway`` False) or halfway through it."""
+
+    midway = False
+
+    async def follow(self, transfer_id: str, index: int) -> AsyncIterator[bytes]:
+        async for message in super().follow(transfer_id, index):
+            if self.midway:
+                yield message[: len(message) // 2]  # the length says more is coming: it never does
+            await asyncio.Event().wait()
+
+
 class HangingUpSender(TransferSender):
     """Its connections close after their first chunk, without the end mark."""
 
@@ -87,11 +101,12 @@ async def stop(server: grpc.aio.Server, servicer: ExportServicer) -> None:
         await servicer.sender.tcp.close()
 
 
-async def pull(address: str, export: KvExport, connections: int, tcp: bool = True) -> torch.Tensor:
-    """Pull the export into scattered reserved blocks; the blocks as placed."""
+async def pull(address: str, export: KvExport, connections: int, timeout_s: float = 10) -> torch.Tensor:
+    """Pull the export over ``connections`` TCP connections into scattered reserved blocks; the
+    blocks as placed."""
     into = reserved(export, SCATTERED)
-    request = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=connections, tcp_data=tcp)
-    await receive_into(ChunkAssembler(0, into), address, request, timeout_s=10)
+    request = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, tcp_connections=connections)
+    await receive_into(ChunkAssembler(0, into), address, request, timeout_s=timeout_s)
     return into.kv_cache[:, :, SCATTERED]
 
 
@@ -114,7 +129,7 @@ async def test_chunks_over_tcp_land_bit_exactly_and_the_call_carries_only_the_of
 
 
 async def test_a_sender_that_offers_no_tcp_sends_everything_on_the_call():
-    """A worker running TLS (no listener) answers a TCP pull on its one call, whatever ``streams`` says."""
+    """A worker running TLS (no listener), or one that predates TCP, answers on its one call."""
     export = sample_export()
     servicer = ExportServicer(export, TransferSender())
     server, address = await serve(servicer)
@@ -174,5 +189,99 @@ async def test_a_connection_with_an_unknown_token_is_closed_and_the_listener_ser
         writer.close()
         assert len(servicer.sender.streams) == 0
         assert same_bytes(await pull(address, export, 1), export.data)
+    finally:
+        await stop(server, servicer)
+
+
+class HeldOffer:
+    """An offer made on a listener and kept open (nobody deals its chunks), for hello tests."""
+
+    def __init__(self, connections: int) -> None:
+        self.sender = TransferSender("127.0.0.1", 0)
+        self.sender.tcp.start()
+        self.token = self.sender.tcp.offer("held", connections)
+
+    async def hello(self, token: bytes, index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.sender.tcp.port)
+        writer.write(token + bytes([index]))
+        return reader, writer
+
+
+async def closed_at_once(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(), timeout=10) == b""
+
+
+async def test_only_the_offered_token_each_index_once_and_in_range_opens_a_share():
+    held = HeldOffer(connections=2)
+    try:
+        wrong = bytes(b ^ 0xFF for b in held.token)
+        assert await closed_at_once((await held.hello(wrong, 0))[0])
+        assert await closed_at_once((await held.hello(held.token, 2))[0])  # connections 0 and 1 only
+        reader, writer = await held.hello(held.token, 0)  # claims share 1, waits for its chunks
+        assert await closed_at_once((await held.hello(held.token, 0))[0])  # index 0 again
+        await asyncio.sleep(0.1)
+        assert len(held.sender.streams) == 1 and not reader.at_eof()
+        held.sender.streams.end("held", 2)  # the transfer ends: the claimed connection gets the end mark
+        assert await asyncio.wait_for(reader.read(), timeout=10) == bytes(8)
+        writer.close()
+    finally:
+        await held.sender.tcp.close()
+
+
+@pytest.mark.parametrize("midway", [False, True], ids=["before-the-first-frame", "mid-frame"])
+async def test_a_stalled_connection_fails_the_pull_at_its_deadline(midway):
+    export = sample_export()
+    sender = StallingSender("127.0.0.1", 0)
+    sender.midway = midway
+    servicer = ExportServicer(export, sender)
+    server, address = await serve(servicer)
+    try:
+        with pytest.raises(TransferError, match="not received within"):
+            await asyncio.wait_for(pull(address, export, 1, timeout_s=1.5), timeout=10)
+    finally:
+        await stop(server, servicer)
+
+
+async def test_a_data_port_that_drops_connections_is_a_data_connection_error(monkeypatch):
+    """A firewall that drops packets (here: a listener whose accept queue is full): the connect
+    gives up after CONNECT_TIMEOUT_S, well within the pull's deadline, so the receiver can ask
+    for gRPC instead."""
+    monkeypatch.setattr(kv_tcp, "CONNECT_TIMEOUT_S", 0.5)
+    export = sample_export()
+    servicer = ExportServicer(export, TransferSender("127.0.0.1", 0))
+    server, address = await serve(servicer)
+    hole = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(hole.getsockname())
+    await asyncio.sleep(0.2)
+    servicer.sender.tcp.port = hole.getsockname()[1]
+    try:
+        with pytest.raises(DataConnectionError):
+            await pull(address, export, 1, timeout_s=30)
+    finally:
+        await stop(server, servicer)
+        for sock in (hole, *fillers):
+            sock.close()
+
+
+async def test_the_listener_accepts_on_after_an_accept_error(monkeypatch):
+    loop = asyncio.get_running_loop()
+    real_accept, failures = loop.sock_accept, [OSError(24, "Too many open files")]
+
+    async def flaky_accept(sock):
+        if failures:
+            raise failures.pop()
+        return await real_accept(sock)
+
+    monkeypatch.setattr(loop, "sock_accept", flaky_accept)
+    export = sample_export()
+    servicer = ExportServicer(export, TransferSender("127.0.0.1", 0))
+    server, address = await serve(servicer)
+    try:
+        assert same_bytes(await pull(address, export, 1), export.data)
+        assert not failures
     finally:
         await stop(server, servicer)
