@@ -177,7 +177,13 @@ def main() -> None:
                                                  tcp=args.transfer_transport == "tcp"))  # fmt: skip
     result.update(device=args.device, model=args.model if args.standalone else "stack default",
                   dtype=args.dtype if args.standalone else "stack default")  # fmt: skip
+    from bench.serve import loopback_mb_per_s  # (bench.serve imports this module)
+
+    result["loopback_mb_per_s"] = loopback_mb_per_s(result["bytes"])
     print_overlap(result)
+    print(f"transfer {result['transfer_mb_per_s']:.0f} MB/s over {result['transport']} vs a raw loopback socket copy "
+          f"of the same bytes {result['loopback_mb_per_s']:.0f} MB/s "
+          f"({result['transfer_mb_per_s'] / result['loopback_mb_per_s']:.0%})")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"results: {args.json}")
