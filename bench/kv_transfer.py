@@ -106,13 +106,14 @@ def time_serialize(pool: Pool, chunk_blocks: int) -> float:
     return seconds
 
 
-class _StreamingServicer(transfer_pb2_grpc.KvTransferServicer):
-    """Streams the export's chunks, serialized as they are sent (as ``serve_prefill`` does),
-    through the worker's own ``TransferSender``: over the transfer's streams or TCP connections."""
+class ExportServicer(transfer_pb2_grpc.KvTransferServicer):
+    """Serves an export's chunks as one finished transfer, serialized as they are sent (as
+    ``serve_prefill`` does), through a worker's own ``TransferSender`` (by default one that offers
+    TCP): over the transfer's streams or its TCP connections."""
 
-    def __init__(self, export: KvExport, chunk_blocks: int) -> None:
+    def __init__(self, export: KvExport, chunk_blocks: int, sender: TransferSender | None = None) -> None:
         self.export, self.chunk_blocks = export, chunk_blocks
-        self.sender = TransferSender("127.0.0.1", 0)
+        self.sender = sender or TransferSender("127.0.0.1", 0)
 
     async def PullBlocks(self, request, context):
         if request.stream_index:
@@ -139,7 +140,7 @@ def _serve(export: KvExport, chunk_blocks: int, ports: multiprocessing.Queue) ->
 
     async def run() -> None:
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
-        servicer = _StreamingServicer(export, chunk_blocks)
+        servicer = ExportServicer(export, chunk_blocks)
         servicer.sender.tcp.start()
         add_transfer_servicer(servicer, server)
         handler = grpc.unary_stream_rpc_method_handler(raw)  # bytes in, bytes out: no (de)serialization

@@ -54,7 +54,7 @@ class TransferSender:
                    ) -> AsyncIterator[bytes]:  # fmt: skip
         """Stream 0's messages: its share of ``chunks`` (all of them with one stream) or, over
         TCP, only the offer of the data port, while the chunks are dealt to the connections."""
-        connections = min(pull.tcp_connections, MAX_STREAMS)
+        connections = pull.tcp_connections  # at most MAX_STREAMS: checked by PullBlocks
         if not connections or self.tcp is None:  # TCP not asked, or not offered: on gRPC streams
             async for message in _on_the_wire(self.streams.deal(chunks, pull.transfer_id, pull.streams)):
                 yield message

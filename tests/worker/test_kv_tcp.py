@@ -13,37 +13,27 @@ import grpc
 import pytest
 import torch
 
-from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
+from bench.kv_transfer import ExportServicer
+from kvmesh_proto.v1 import transfer_pb2
 from services.engine.kv_transfer import KvExport
 from services.worker import kv_tcp
 from services.worker.kv_receive import ChunkAssembler, receive_into
 from services.worker.kv_tcp import TOKEN_BYTES, DataConnectionError
-from services.worker.kv_wire import TransferError, add_transfer_servicer, export_to_chunks
+from services.worker.kv_wire import TransferError, add_transfer_servicer
 from services.worker.transfer_servicer import TransferSender
 from tests.worker.test_kv_wire import SCATTERED, reserved, sample_export
 
 
-class ExportServicer(transfer_pb2_grpc.KvTransferServicer):
-    """Sends one export's chunks (two blocks each) through a worker's ``TransferSender``."""
+class CountingServicer(ExportServicer):
+    """The bench's servicer of one export (chunks of two blocks), counting the messages on the call."""
 
     def __init__(self, export: KvExport, sender: TransferSender) -> None:
-        self.export, self.sender = export, sender
+        super().__init__(export, 2, sender)
         self.messages_on_call = 0
 
     async def PullBlocks(self, request, context):
-        if request.stream_index:
-            async for message in self.sender.follow(request.transfer_id, request.stream_index):
-                yield message
-            return
-
-        async def chunks():
-            chunks = list(export_to_chunks(self.export, 0, 2, request.transfer_id, "r1"))
-            chunks[-1].header.last, chunks[-1].header.num_tokens = True, self.export.num_tokens
-            for chunk in chunks:
-                yield chunk
-
-        async for message in self.sender.send(chunks(), request):
-            self.messages_on_call += 1
+        async for message in super().PullBlocks(request, context):
+            self.messages_on_call += not request.stream_index
             yield message
 
 
@@ -85,20 +75,23 @@ async def _numbered(messages: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, 
         number += 1
 
 
-async def serve(servicer: ExportServicer) -> tuple[grpc.aio.Server, str]:
-    if servicer.sender.tcp is not None:
-        servicer.sender.tcp.start()
+@contextlib.asynccontextmanager
+async def serving(sender: TransferSender, export: KvExport) -> AsyncIterator[tuple[CountingServicer, str]]:
+    """``export`` served through ``sender`` (its listener started, if it has one); the servicer and
+    its address."""
+    servicer = CountingServicer(export, sender)
+    if sender.tcp is not None:
+        sender.tcp.start()
     server = grpc.aio.server()
     add_transfer_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-async def stop(server: grpc.aio.Server, servicer: ExportServicer) -> None:
-    await server.stop(0)
-    if servicer.sender.tcp is not None:
-        await servicer.sender.tcp.close()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+        if sender.tcp is not None:
+            await sender.tcp.close()
 
 
 async def pull(address: str, export: KvExport, connections: int, timeout_s: float = 10) -> torch.Tensor:
@@ -117,80 +110,56 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("connections", [1, 2, 3])
 async def test_chunks_over_tcp_land_bit_exactly_and_the_call_carries_only_the_offer(connections):
     export = sample_export()
-    servicer = ExportServicer(export, TransferSender("127.0.0.1", 0))
-    server, address = await serve(servicer)
-    try:
+    async with serving(TransferSender("127.0.0.1", 0), export) as (servicer, address):
         assert same_bytes(await pull(address, export, connections), export.data)
         assert servicer.messages_on_call == 1  # the data port offer; the blocks came on the connections
         assert len(servicer.sender.streams) == 0  # every share was claimed and drained
         assert not servicer.sender.tcp._offers  # the token lapsed once all its connections came
-    finally:
-        await stop(server, servicer)
 
 
 async def test_a_sender_that_offers_no_tcp_sends_everything_on_the_call():
     """A worker running TLS (no listener), or one that predates TCP, answers on its one call."""
     export = sample_export()
-    servicer = ExportServicer(export, TransferSender())
-    server, address = await serve(servicer)
-    try:
+    async with serving(TransferSender(), export) as (servicer, address):
         assert same_bytes(await pull(address, export, 2), export.data)
         assert servicer.messages_on_call == 4  # 7 blocks, 2 per chunk
         assert len(servicer.sender.streams) == 0
-    finally:
-        await stop(server, servicer)
 
 
 async def test_a_corrupted_chunk_on_a_connection_fails_the_pull():
     export = sample_export()
-    servicer = ExportServicer(export, CorruptingSender("127.0.0.1", 0))
-    server, address = await serve(servicer)
-    try:
+    async with serving(CorruptingSender("127.0.0.1", 0), export) as (_, address):
         with pytest.raises(TransferError, match="checksum mismatch"):
             await pull(address, export, 1)
-    finally:
-        await stop(server, servicer)
 
 
 async def test_a_connection_that_closes_early_fails_the_pull_without_hanging():
     export = sample_export()
-    servicer = ExportServicer(export, HangingUpSender("127.0.0.1", 0))
-    server, address = await serve(servicer)
-    try:
+    async with serving(HangingUpSender("127.0.0.1", 0), export) as (_, address):
         with pytest.raises(TransferError, match="closed mid-transfer"):
             await asyncio.wait_for(pull(address, export, 2), timeout=10)
-    finally:
-        await stop(server, servicer)
 
 
 async def test_an_unreachable_data_port_is_a_data_connection_error():
     export = sample_export()
-    servicer = ExportServicer(export, TransferSender("127.0.0.1", 0))
-    server, address = await serve(servicer)
-    closed = socket.create_server(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()  # nothing listens there now
-    servicer.sender.tcp.port = port  # the offer names a port nobody can connect to
-    try:
+    async with serving(TransferSender("127.0.0.1", 0), export) as (servicer, address):
+        closed = socket.create_server(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()  # nothing listens there now
+        servicer.sender.tcp.port = port  # the offer names a port nobody can connect to
         with pytest.raises(DataConnectionError):
             await pull(address, export, 1)
-    finally:
-        await stop(server, servicer)
 
 
 async def test_a_connection_with_an_unknown_token_is_closed_and_the_listener_serves_on():
     export = sample_export()
-    servicer = ExportServicer(export, TransferSender("127.0.0.1", 0))
-    server, address = await serve(servicer)
-    try:
+    async with serving(TransferSender("127.0.0.1", 0), export) as (servicer, address):
         reader, writer = await asyncio.open_connection("127.0.0.1", servicer.sender.tcp.port)
         writer.write(bytes(TOKEN_BYTES) + b"\x00")
         assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # closed, nothing sent
         writer.close()
         assert len(servicer.sender.streams) == 0
         assert same_bytes(await pull(address, export, 1), export.data)
-    finally:
-        await stop(server, servicer)
 
 
 class HeldOffer:
@@ -233,13 +202,9 @@ async def test_a_stalled_connection_fails_the_pull_at_its_deadline(midway):
     export = sample_export()
     sender = StallingSender("127.0.0.1", 0)
     sender.midway = midway
-    servicer = ExportServicer(export, sender)
-    server, address = await serve(servicer)
-    try:
+    async with serving(sender, export) as (_, address):
         with pytest.raises(TransferError, match="not received within"):
             await asyncio.wait_for(pull(address, export, 1, timeout_s=1.5), timeout=10)
-    finally:
-        await stop(server, servicer)
 
 
 async def test_a_data_port_that_drops_connections_is_a_data_connection_error(monkeypatch):
@@ -248,8 +213,6 @@ async def test_a_data_port_that_drops_connections_is_a_data_connection_error(mon
     for gRPC instead."""
     monkeypatch.setattr(kv_tcp, "CONNECT_TIMEOUT_S", 0.5)
     export = sample_export()
-    servicer = ExportServicer(export, TransferSender("127.0.0.1", 0))
-    server, address = await serve(servicer)
     hole = socket.create_server(("127.0.0.1", 0), backlog=0)
     fillers = [socket.socket() for _ in range(3)]
     for filler in fillers:
@@ -257,12 +220,12 @@ async def test_a_data_port_that_drops_connections_is_a_data_connection_error(mon
         with contextlib.suppress(BlockingIOError):
             filler.connect(hole.getsockname())
     await asyncio.sleep(0.2)
-    servicer.sender.tcp.port = hole.getsockname()[1]
     try:
-        with pytest.raises(DataConnectionError):
-            await pull(address, export, 1, timeout_s=30)
+        async with serving(TransferSender("127.0.0.1", 0), export) as (servicer, address):
+            servicer.sender.tcp.port = hole.getsockname()[1]
+            with pytest.raises(DataConnectionError):
+                await pull(address, export, 1, timeout_s=30)
     finally:
-        await stop(server, servicer)
         for sock in (hole, *fillers):
             sock.close()
 
@@ -278,10 +241,6 @@ async def test_the_listener_accepts_on_after_an_accept_error(monkeypatch):
 
     monkeypatch.setattr(loop, "sock_accept", flaky_accept)
     export = sample_export()
-    servicer = ExportServicer(export, TransferSender("127.0.0.1", 0))
-    server, address = await serve(servicer)
-    try:
+    async with serving(TransferSender("127.0.0.1", 0), export) as (_, address):
         assert same_bytes(await pull(address, export, 1), export.data)
         assert not failures
-    finally:
-        await stop(server, servicer)
