@@ -141,6 +141,7 @@ class TcpDataListener:
             if self._unidentified >= MAX_UNIDENTIFIED:
                 conn.close()
                 continue
+            self._unidentified += 1  # counted at once: a burst of connections must not pass the cap
             task = asyncio.create_task(self._serve(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -149,7 +150,6 @@ class TcpDataListener:
         loop = asyncio.get_running_loop()
         with conn:
             try:
-                self._unidentified += 1
                 try:
                     hello = await asyncio.wait_for(_recv_async(loop, conn, _HELLO.size), HELLO_TIMEOUT_S)
                 finally:
