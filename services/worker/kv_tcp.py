@@ -17,9 +17,11 @@ comes from the caller that passed the guard. Chunks keep their encoding and chec
 end. Plaintext, so a worker running TLS never offers it.
 
 Threads: sockets stay non-blocking. Waiting for a frame (a prefill can take seconds) happens on
-the event loop and costs no thread; a frame's bytes move in a thread of this module's own pool
-(``_IO``), which polls when the kernel's buffer runs empty or full, so a stalled peer can hold
-one of these threads for at most ``FRAME_TIMEOUT_S``, never one of the default pool's.
+the event loop and costs no thread; a frame's bytes move in a thread of this module's own pools
+(``_SENDING``, ``_RECEIVING``: a sender blocked on a slow receiver never holds up a receiving
+thread), which polls when the kernel's buffer runs empty or full, so a stalled peer can hold one
+of these threads for at most ``FRAME_TIMEOUT_S``, never one of the default pool's. A socket is
+closed only once no thread uses it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,7 +59,8 @@ MAX_FRAME_BYTES = 64 << 20  # as gRPC's message limit (kvmesh.grpc_service.MAX_M
 _HELLO = struct.Struct(f"<{TOKEN_BYTES}sB")  # the transfer's token, the connection's index
 _LENGTH = struct.Struct("<Q")
 _ACCEPT_RETRY_S = 0.1
-_IO = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-tcp")
+_SENDING = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-tcp-send")
+_RECEIVING = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-tcp-receive")
 
 
 class DataConnectionError(TransferError):
@@ -111,6 +114,10 @@ class TcpDataListener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.sock.close()
 
+    def withdraw(self, token: bytes) -> None:
+        """A token whose transfer ended before it was dealt: a connection that comes now is refused."""
+        self._offers.pop(token, None)
+
     def offer(self, transfer_id: str, connections: int) -> bytes:
         """A new token for ``connections`` connections to ``transfer_id``'s shares, each index
         once; it lapses when all came or after ``UNCLAIMED_S`` (as the shares nobody came for)."""
@@ -148,29 +155,41 @@ class TcpDataListener:
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        with conn:
+        sending: Future | None = None
+        try:
             try:
-                try:
-                    hello = await asyncio.wait_for(_recv_async(loop, conn, _HELLO.size), HELLO_TIMEOUT_S)
-                finally:
-                    self._unidentified -= 1
-                token, index = _HELLO.unpack(hello)
-                transfer_id = self._claim(token, index)
-                if transfer_id is None:
-                    log.debug("KV data connection with an unknown token or index refused")
-                    return
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                async with contextlib.aclosing(self.shares(transfer_id, index + 1)) as messages:
-                    async for message in messages:
-                        await loop.run_in_executor(_IO, _send_frame, conn, message)
-                await loop.sock_sendall(conn, _LENGTH.pack(0))
-            except (OSError, TransferError) as exc:
-                log.info("KV data connection ended early: %s", exc)
-            except Exception:
-                log.exception("KV data connection failed")
+                hello = await asyncio.wait_for(_recv_async(loop, conn, _HELLO.size), HELLO_TIMEOUT_S)
             finally:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+                self._unidentified -= 1
+            token, index = _HELLO.unpack(hello)
+            transfer_id = self._claim(token, index)
+            if transfer_id is None:
+                log.debug("KV data connection with an unknown token or index refused")
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with contextlib.aclosing(self.shares(transfer_id, index + 1)) as messages:
+                async for message in messages:
+                    sending = _SENDING.submit(_send_frame, conn, message)
+                    await asyncio.wrap_future(sending)
+            await asyncio.wait_for(loop.sock_sendall(conn, _LENGTH.pack(0)), FRAME_TIMEOUT_S)
+        except (OSError, TransferError) as exc:
+            log.info("KV data connection ended early: %s", exc)
+        except Exception:
+            log.exception("KV data connection failed")
+        finally:
+            _close_after(conn, sending)
+
+
+def _close_after(conn: socket.socket, work: Future | None) -> None:
+    """Shut ``conn`` down (a thread waiting on it wakes) and close it, but only once ``work`` (a
+    thread using it, if any) has ended: a descriptor closed under a thread could be reused by a
+    new socket before that thread's next call on it."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+    if work is not None and not work.done():
+        work.add_done_callback(lambda _: conn.close())
+    else:
+        conn.close()
 
 
 def _poll(conn: socket.socket, event: int, deadline: float) -> None:
@@ -245,15 +264,15 @@ async def receive_tcp(address: str, port: int, token: bytes, index: int,
     host = tcp_host(address)
     conn = await _connect(loop, host, port)
     handling: asyncio.Future | None = None
-    reading: asyncio.Future | None = None
+    reading: Future | None = None
     try:
         await loop.sock_sendall(conn, _HELLO.pack(token, index))
         size = _LENGTH.unpack(await _recv_async(loop, conn, _LENGTH.size))[0]
         while size:
             if size > MAX_FRAME_BYTES:
                 raise TransferError(f"a KV data frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte limit")
-            reading = loop.run_in_executor(_IO, _read_body, conn, size)
-            message, size = await reading
+            reading = _RECEIVING.submit(_read_body, conn, size)
+            message, size = await asyncio.wrap_future(reading)
             if handling is not None:
                 await handling
             handling = asyncio.ensure_future(on_message(message))
@@ -267,12 +286,7 @@ async def receive_tcp(address: str, port: int, token: bytes, index: int,
         if handling is not None:  # its thread work, if any, is the caller's to settle
             handling.cancel()
             handling.add_done_callback(_retrieve)
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)  # ends a reading thread's wait, if this was cancelled
-        if reading is not None and not reading.done():
-            reading.add_done_callback(lambda _: conn.close())  # not under the thread still using it
-        else:
-            conn.close()
+        _close_after(conn, reading)
 
 
 def _retrieve(done: asyncio.Future) -> None:
@@ -291,7 +305,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> soc
     except ValueError:  # a name: resolved as the loop resolves
         try:
             family, _, _, _, target = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise DataConnectionError(f"cannot resolve {host}: {exc!r}") from exc
     try:
         conn = socket.socket(family, socket.SOCK_STREAM)

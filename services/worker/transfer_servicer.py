@@ -69,6 +69,7 @@ class TransferSender:
             dealt = True
         finally:
             if not dealt:  # the call ended before the deal did (or began): end its connections
+                self.tcp.withdraw(token)
                 self.streams.end(pull.transfer_id, connections)
 
 

@@ -29,10 +29,12 @@ SHARE_DEPTH = 2
 
 @dataclass
 class _Share:
-    """One stream's chunks (None ends them) and whether its call has come for them."""
+    """One stream's chunks (None ends them), whether its call has come for them and whether it
+    has gone again (ended, failed or hung up: dealing it more fails the transfer)."""
 
     chunks: asyncio.Queue[WireChunk | None] = field(default_factory=lambda: asyncio.Queue(SHARE_DEPTH))
     claimed: bool = False
+    gone: bool = False
 
 
 class TransferStreams:
@@ -40,6 +42,7 @@ class TransferStreams:
 
     def __init__(self) -> None:
         self._shares: dict[tuple[str, int], _Share] = {}
+        self._ended: set[str] = set()  # transfers that ended out of order, for UNCLAIMED_S
 
     def __len__(self) -> int:
         return len(self._shares)
@@ -59,10 +62,13 @@ class TransferStreams:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     index = chunk.header.chunk_index % streams + first
-                    if index:
-                        await shares[index - 1].chunks.put(chunk)
-                    else:
+                    if not index:
                         yield chunk
+                        continue
+                    share = shares[index - 1]
+                    if share.gone:  # its stream or connection went away: the transfer cannot complete
+                        raise TransferError(f"stream {index} of transfer {transfer_id} went away")
+                    await share.chunks.put(chunk)
             for share in shares:
                 await share.chunks.put(None)
             ended = True
@@ -74,18 +80,22 @@ class TransferStreams:
 
     def end(self, transfer_id: str, shares: int) -> None:
         """End shares 1..``shares`` of a transfer that did not end in order (failed, cancelled, or
-        never dealt): what they still hold is dropped, their streams end; the ones nobody
-        claimed are dropped after ``UNCLAIMED_S``."""
+        never dealt): what they still hold is dropped and their streams end; a stream that comes
+        later (within ``UNCLAIMED_S``) ends at once."""
         for index in range(1, shares + 1):
             share = self._shares.get((transfer_id, index))
-            if share is not None:
-                while not share.chunks.empty():
-                    share.chunks.get_nowait()
+            if share is not None and share.claimed:
+                _drain(share)
                 share.chunks.put_nowait(None)
-        asyncio.get_running_loop().call_later(UNCLAIMED_S, self._drop_unclaimed, transfer_id, shares)
+            elif share is not None:
+                del self._shares[(transfer_id, index)]
+        self._ended.add(transfer_id)  # a stream that comes later finds it over
+        asyncio.get_running_loop().call_later(UNCLAIMED_S, self._ended.discard, transfer_id)
 
     async def follow(self, transfer_id: str, index: int) -> AsyncIterator[WireChunk]:
         """Stream ``index``'s side (1..): the chunks dealt to it, until the transfer ends."""
+        if transfer_id in self._ended:
+            return
         share = self._share(transfer_id, index)
         if share.claimed:
             raise TransferError(f"stream {index} of transfer {transfer_id} is being read already")
@@ -94,6 +104,8 @@ class TransferStreams:
             while (chunk := await share.chunks.get()) is not None:
                 yield chunk
         finally:
+            share.gone = True
+            _drain(share)  # a deal waiting for room in it goes on, and finds it gone
             self._shares.pop((transfer_id, index), None)
 
     def _drop_unclaimed(self, transfer_id: str, shares: int) -> None:
@@ -102,3 +114,8 @@ class TransferStreams:
             if share is not None and not share.claimed:
                 del self._shares[(transfer_id, index)]
 
+
+
+def _drain(share: _Share) -> None:
+    while not share.chunks.empty():
+        share.chunks.get_nowait()

@@ -13,14 +13,16 @@ import grpc
 import pytest
 import torch
 
-from bench.kv_transfer import ExportServicer
+from bench.kv_transfer import ExportServicer, chunks_of
 from kvmesh_proto.v1 import transfer_pb2
 from services.engine.kv_transfer import KvExport
-from services.worker import kv_tcp
-from services.worker.kv_receive import ChunkAssembler, receive_into
+from services.worker import disagg, kv_tcp
+from services.worker.disagg import TransferStats
+from services.worker.kv_receive import ChunkAssembler, check_offer, receive_into
 from services.worker.kv_tcp import TOKEN_BYTES, DataConnectionError
-from services.worker.kv_wire import TransferError, add_transfer_servicer
+from services.worker.kv_wire import TransferError, add_transfer_servicer, export_to_chunks
 from services.worker.transfer_servicer import TransferSender
+from services.worker.transfer_streams import TransferStreams
 from tests.worker.test_kv_wire import SCATTERED, reserved, sample_export
 
 
@@ -244,3 +246,104 @@ async def test_the_listener_accepts_on_after_an_accept_error(monkeypatch):
     async with serving(TransferSender("127.0.0.1", 0), export) as (_, address):
         assert same_bytes(await pull(address, export, 1), export.data)
         assert not failures
+
+
+class FailingServicer(CountingServicer):
+    """A prefill that fails after its first chunk was dealt."""
+
+    async def PullBlocks(self, request, context):
+        async def chunks():
+            first, *_ = chunks_of(self.export, self.chunk_blocks)
+            yield first
+            raise RuntimeError("the prefill failed")
+
+        async for message in self.sender.send(chunks(), request):
+            yield message
+
+
+async def test_a_sender_failing_mid_transfer_fails_the_pull_and_leaves_nothing_behind():
+    export = sample_export()
+    sender = TransferSender("127.0.0.1", 0)
+    sender.tcp.start()
+    servicer = FailingServicer(export, sender)
+    server = grpc.aio.server()
+    add_transfer_servicer(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        with pytest.raises((TransferError, grpc.aio.AioRpcError)):
+            await pull(address, export, 2)
+        await asyncio.sleep(0.2)
+        assert len(sender.streams) == 0 and not sender.tcp._tasks and not sender.tcp._offers
+    finally:
+        await server.stop(0)
+        await sender.tcp.close()
+
+
+async def test_a_connection_after_its_call_ended_early_is_refused():
+    """The offer went out, then the call ended before any chunk was dealt (the receiver went
+    away): the token is withdrawn, so a connection still on its way finds nothing to wait for."""
+    sender = TransferSender("127.0.0.1", 0)
+    sender.tcp.start()
+    try:
+        sent = sender.send(_no_chunks(), transfer_pb2.PullBlocksRequest(transfer_id="early", tcp_connections=1))
+        offer = transfer_pb2.KvBlockChunk.FromString(await anext(sent))
+        await sent.aclose()
+        reader, writer = await asyncio.open_connection("127.0.0.1", offer.data_port)
+        writer.write(offer.data_token + b"\x00")
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+        writer.close()
+    finally:
+        await sender.tcp.close()
+
+
+async def _no_chunks() -> AsyncIterator:
+    await asyncio.Event().wait()
+    yield  # never reached
+
+
+async def test_a_deal_to_a_stream_that_went_away_fails_instead_of_waiting():
+    streams = TransferStreams()
+    export = sample_export()
+
+    async def chunks():
+        for chunk in export_to_chunks(export, 0, 1, "gone", "r1"):
+            yield chunk
+
+    async def deal():
+        async for _ in streams.deal(chunks(), "gone", 1, keep_own=False):
+            pass
+
+    dealing = asyncio.ensure_future(deal())
+    follower = streams.follow("gone", 1)
+    await anext(follower)
+    await follower.aclose()  # the connection hung up after one chunk
+    with pytest.raises(TransferError, match="went away"):
+        await asyncio.wait_for(dealing, timeout=10)
+    assert len(streams) == 0
+
+
+@pytest.mark.parametrize("change", ["unasked", "second message", "short token", "no port"])
+def test_a_malformed_or_unasked_data_port_offer_is_refused(change):
+    offer = transfer_pb2.KvBlockChunk(data_port=5000, data_token=bytes(TOKEN_BYTES))
+    asked = transfer_pb2.PullBlocksRequest(transfer_id="t", tcp_connections=1)
+    check_offer(offer, asked, 1)  # as a sender makes it: fine
+    position = 2 if change == "second message" else 1
+    if change == "unasked":
+        asked.tcp_connections = 0
+    elif change == "short token":
+        offer.data_token = bytes(4)
+    elif change == "no port":
+        offer.data_port = 0
+    with pytest.raises(TransferError, match="data port offer"):
+        check_offer(offer, asked, position)
+
+
+def test_an_unreachable_prefill_worker_is_pulled_from_over_grpc_for_a_while_only(monkeypatch):
+    stats = TransferStats()
+    now = [1000.0]
+    monkeypatch.setattr(disagg.time, "monotonic", lambda: now[0])
+    stats.no_tcp["p:1"] = now[0] + disagg.NO_TCP_S
+    assert not stats.tcp_reachable("p:1") and stats.tcp_reachable("q:1")
+    now[0] += disagg.NO_TCP_S
+    assert stats.tcp_reachable("p:1") and not stats.no_tcp
