@@ -115,7 +115,6 @@ class TransferStreams:
                 del self._shares[(transfer_id, index)]
 
 
-
 def _drain(share: _Share) -> None:
     while not share.chunks.empty():
         share.chunks.get_nowait()
