@@ -66,6 +66,7 @@ class PulledPrefill:
     # From the first chunk's arrival to the last's (with overlap, compute runs meanwhile).
     transfer_seconds: float
     first_chunk_bytes: int
+    transport: str  # what carried the chunks: "tcp" connections or "grpc" streams
 
 
 @dataclasses.dataclass
@@ -190,11 +191,11 @@ async def pull_prefill(
                                           request=request, skip_blocks=first_block,
                                           prefill_chunk_tokens=prefill_chunk_tokens, streams=1 if tcp else streams,
                                           tcp_connections=streams if tcp else 0)  # fmt: skip
-    first_chunk_at, first_chunk_bytes = await receive_into(assembler, prefill_address, pull, timeout_s)
+    arrival = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
     done = time.monotonic()
     return PulledPrefill(prefill_address, last.first_token, last.cached_tokens, assembler, done - started,
-                         done - first_chunk_at, first_chunk_bytes)  # fmt: skip
+                         done - arrival.first_at, arrival.first_bytes, arrival.transport)  # fmt: skip
 
 
 async def pull_with_retries(

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import torch
@@ -34,15 +34,25 @@ def pull_blocks(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
                                 response_deserializer=decode_chunk)  # fmt: skip
 
 
+class Arrival(NamedTuple):
+    """How a transfer came: when its first chunk arrived (``time.monotonic``, None if none did),
+    that chunk's size, and on what (``"tcp"`` connections or ``"grpc"`` streams)."""
+
+    first_at: float | None
+    first_bytes: int
+    transport: str
+
+
 async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_pb2.PullBlocksRequest,
-                       timeout_s: float) -> tuple[float | None, int]:
+                       timeout_s: float) -> Arrival:
     """Stream ``pull`` from the worker at ``address`` into ``assembler``, every chunk checked as it
     arrives, over ``pull.streams`` parallel calls (each on its own connection) or, with
     ``pull.tcp_connections`` and a sender that offers it, that many TCP connections beside one
-    call; returns when the first chunk arrived (``time.monotonic``, None if none did) and its
-    size. A failure of any stream or connection fails the whole transfer and cancels the others."""
+    call (``Arrival`` says which). A failure of any stream or connection fails the whole transfer
+    and cancels the others."""
     streams = max(1, pull.streams)
     first: list[tuple[float, int]] = []
+    transport = ["grpc"]
     deadline = time.monotonic() + timeout_s
     name = pull.request_id or pull.transfer_id
 
@@ -81,7 +91,7 @@ async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_p
                 raise TransferError(f"{name}: a message on the call after its data port offer")
             if chunk.data_port or chunk.data_token:
                 check_offer(chunk, pull, messages)
-                offered = True
+                offered, transport[0] = True, "tcp"
                 await over_tcp(chunk)
             else:
                 await add(chunk, data)
@@ -94,7 +104,7 @@ async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_p
     finally:
         await assembler.settle()
     assembler.check_complete()
-    return first[0] if first else (None, 0)
+    return Arrival(*(first[0] if first else (None, 0)), transport[0])
 
 
 def check_offer(offer: transfer_pb2.KvBlockChunk, pull: transfer_pb2.PullBlocksRequest, position: int) -> None:

@@ -73,10 +73,12 @@ class WorkerRequestTrace:
         with trace.use_span(start_span("kv_transfer", self.span, SpanKind.CLIENT), end_on_exit=True) as span:
             yield span
 
-    def transferred(self, span: Span, size_bytes: int, blocks: int, seconds: float, wire_seconds: float) -> None:
+    def transferred(self, span: Span, size_bytes: int, blocks: int, seconds: float, wire_seconds: float,
+                    transport: str) -> None:  # fmt: skip
         metrics.observe_transfer("received", size_bytes, blocks)
         metrics.TRANSFER_SECONDS.observe(seconds)
         span.set_attributes({"kvmesh.transfer.bytes": size_bytes, "kvmesh.transfer.blocks": blocks,
+                             "kvmesh.transfer.transport": transport,
                              "kvmesh.transfer.wire_seconds": wire_seconds,
                              "kvmesh.transfer.mb_per_s": size_bytes / 1e6 / wire_seconds if wire_seconds else 0.0})
 

@@ -163,7 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     pulled = await self._pull(request, reservation, prefill_addresses)
                     if pulled is not None:
                         trace.transferred(span, pulled.assembler.bytes_received, pulled.assembler.blocks_received,
-                                          pulled.seconds, pulled.transfer_seconds)  # fmt: skip
+                                          pulled.seconds, pulled.transfer_seconds, pulled.transport)  # fmt: skip
             if pulled is None:
                 self._release(request_id)  # its blocks make room for the local prefill (queued first)
                 trace.path = "fallback"
@@ -171,9 +171,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     yield response
                 return
             received = pulled.assembler
-            log.info("pulled %d blocks (%d bytes) of %s from %s in %.4fs (wire %.4fs); %d leading blocks were "
-                     "already here", received.blocks_received, received.bytes_received, request_id,
-                     pulled.prefill_address, pulled.seconds, pulled.transfer_seconds,
+            log.info("pulled %d blocks (%d bytes) of %s from %s over %s in %.4fs (wire %.4fs); %d leading blocks "
+                     "were already here", received.blocks_received, received.bytes_received, request_id,
+                     pulled.prefill_address, pulled.transport, pulled.seconds, pulled.transfer_seconds,
                      reservation.first_block)  # fmt: skip
             first = pulled.first_token
             eos = first.token_id in self.engine.engine.eos_token_ids and not sampling.ignore_eos

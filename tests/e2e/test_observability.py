@@ -107,6 +107,7 @@ def test_one_remote_request_is_one_trace_across_every_service(traced, collector)
     assert route["kvmesh.route.index"] == "local"
     transfer = named["kv_transfer"]["attributes"]
     assert int(transfer["kvmesh.transfer.bytes"]) > 0 and int(transfer["kvmesh.transfer.blocks"]) > 0
+    assert transfer["kvmesh.transfer.transport"] == "tcp"  # the decode worker's default: the data connections
     assert int(named["prefill"]["attributes"]["kvmesh.prefill.computed_tokens"]) > 0
 
 
