@@ -266,21 +266,6 @@ async def test_a_corrupted_chunk_on_another_stream_fails_the_whole_pull_and_it_i
     await assert_no_blocks_held(prefill_engine, decode_engine)
 
 
-async def test_a_pull_over_tcp_connections_gives_the_same_output(workers, engine, tokenizer, prefill_engine,
-                                                                 decode_engine):  # fmt: skip
-    prompt = prompt_ids(tokenizer, "lantern")
-    before = (workers.decode.transfers.retries, workers.decode.transfers.fallbacks)
-    workers.decode.transfer_tcp, workers.decode.transfer_streams = True, 2
-    try:
-        assert await decode(workers, prompt, "tcp-1") == expected(engine, prompt)
-    finally:
-        workers.decode.transfer_tcp, workers.decode.transfer_streams = False, 1
-    assert (workers.proxy.pulls, workers.proxy.calls, workers.proxy.tcp) == (1, 1, [2])  # the KV came on 2 connections
-    assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == before
-    assert len(workers.prefill.sender.streams) == 0
-    await assert_no_blocks_held(prefill_engine, decode_engine)
-
-
 async def test_an_unreachable_data_port_is_pulled_from_over_grpc_instead(workers, engine, tokenizer, prefill_engine,
                                                                          decode_engine):  # fmt: skip
     """The offered port cannot be reached: the same prefill worker is asked again at once over
@@ -317,12 +302,14 @@ async def test_a_corrupted_chunk_on_a_data_connection_is_rejected_and_the_pull_r
             yield message
 
     listener.shares = corrupting
-    workers.decode.transfer_tcp = True
+    workers.decode.transfer_tcp, workers.decode.transfer_streams = True, 2
     try:
         tokens = await decode(workers, prompt, "tcp-corrupt-1")
     finally:
-        listener.shares, workers.decode.transfer_tcp = follow, False
-    assert tokens == expected(engine, prompt)
-    assert corrupted and workers.proxy.tcp == [1, 1]  # the same worker asked again, over TCP again
+        listener.shares, workers.decode.transfer_tcp, workers.decode.transfer_streams = follow, False, 1
+    assert tokens == expected(engine, prompt)  # the retry, over two TCP connections, gave the right KV
+    assert corrupted and workers.proxy.tcp == [2, 2]  # the same worker asked again, over TCP again
+    assert workers.proxy.calls == 2  # one call per pull: the KV came on the connections
+    assert len(workers.prefill.sender.streams) == 0
     assert (workers.decode.transfers.retries, workers.decode.transfers.fallbacks) == (before[0] + 1, before[1])
     await assert_no_blocks_held(prefill_engine, decode_engine)

@@ -206,7 +206,7 @@ async def test_a_stalled_connection_fails_the_pull_at_its_deadline(midway):
     sender.midway = midway
     async with serving(sender, export) as (_, address):
         with pytest.raises(TransferError, match="not received within"):
-            await asyncio.wait_for(pull(address, export, 1, timeout_s=1.5), timeout=10)
+            await asyncio.wait_for(pull(address, export, 1, timeout_s=0.6), timeout=10)
 
 
 async def test_a_data_port_that_drops_connections_is_a_data_connection_error(monkeypatch):
