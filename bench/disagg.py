@@ -75,11 +75,12 @@ async def measure_overlap(address: str, model: str, prompt_tokens: int = 1500, r
                 total = pulled.assembler.bytes_received
                 samples["rate"].append((total - pulled.first_chunk_bytes) / pulled.transfer_seconds)
                 samples["size"].append(total)
+                transport = pulled.transport  # what carried it (a sender may not offer TCP)
     med = {name: statistics.median(values) for name, values in samples.items()}
     transfer = med["size"] / med["rate"]
     exposed_on = med["on"] - med["compute_on"]
     return {"prompt_tokens": prompt_tokens, "rounds": rounds, "bytes": int(med["size"]),
-            "transport": "tcp" if tcp else "grpc", "streams": _STREAMS,
+            "transport": transport, "streams": _STREAMS,
             "compute_ms": med["compute_on"] * 1000, "compute_one_step_ms": med["compute_off"] * 1000,
             "transfer_ms": transfer * 1000, "transfer_mb_per_s": med["rate"] / 1e6,
             "ttft_overlap_off_ms": med["off"] * 1000, "ttft_overlap_on_ms": med["on"] * 1000,

@@ -40,7 +40,7 @@ from kvmesh.grpc_service import CHANNEL_OPTIONS, mesh_channel
 from kvmesh_proto.v1 import transfer_pb2, transfer_pb2_grpc
 from services.engine.kv_transfer import KvExport, KvReservation
 from services.engine.loader import load_model_config
-from services.worker.kv_receive import ChunkAssembler, decode_chunk, receive_into
+from services.worker.kv_receive import ChunkAssembler, decode_chunk, receive_into, spread
 from services.worker.kv_wire import (
     DEFAULT_CHUNK_BLOCKS,
     WireChunk,
@@ -157,8 +157,7 @@ async def _pull_once(address: str, pool: Pool, streams: int, tcp: bool = False) 
     its checks, into reserved pool blocks)."""
     reservation = pool.reserve()
     start = time.perf_counter()
-    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, streams=1 if tcp else streams,
-                                          tcp_connections=streams if tcp else 0)  # fmt: skip
+    pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, **spread(streams, tcp))
     await receive_into(ChunkAssembler(0, reservation), address, pull, timeout_s=60)
     seconds = time.perf_counter() - start
     pool.check(reservation)

@@ -43,7 +43,7 @@ from services.engine.kv_transfer import KvExport, KvReservation
 from services.engine.llm_engine import Engine
 from services.engine.sampling_params import SamplingParams
 from services.worker.convert import sampling_from_proto
-from services.worker.kv_receive import ChunkAssembler, receive_into
+from services.worker.kv_receive import ChunkAssembler, receive_into, spread
 from services.worker.kv_tcp import DataConnectionError
 from services.worker.kv_wire import TransferError, WireChunk, closing_chunks, export_to_chunks
 from services.worker.metrics import TRANSFER_FALLBACKS
@@ -189,8 +189,8 @@ async def pull_prefill(
     assembler = ChunkAssembler(first_block, into)
     pull = transfer_pb2.PullBlocksRequest(transfer_id=uuid.uuid4().hex, request_id=request.request_id,
                                           request=request, skip_blocks=first_block,
-                                          prefill_chunk_tokens=prefill_chunk_tokens, streams=1 if tcp else streams,
-                                          tcp_connections=streams if tcp else 0)  # fmt: skip
+                                          prefill_chunk_tokens=prefill_chunk_tokens,
+                                          **spread(streams, tcp))  # fmt: skip
     arrival = await receive_into(assembler, prefill_address, pull, timeout_s)
     last = assembler.last
     done = time.monotonic()

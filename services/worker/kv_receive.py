@@ -107,6 +107,13 @@ async def receive_into(assembler: ChunkAssembler, address: str, pull: transfer_p
     return Arrival(*(first[0] if first else (None, 0)), transport[0])
 
 
+def spread(connections: int, tcp: bool) -> dict[str, int]:
+    """A ``PullBlocksRequest``'s fields for a transfer spread over ``connections`` TCP connections
+    beside its one call or, without ``tcp``, over as many gRPC streams (over TCP, ``streams``
+    stays 1, so a sender that does not offer TCP answers on that call)."""
+    return {"streams": 1, "tcp_connections": connections} if tcp else {"streams": connections}
+
+
 def check_offer(offer: transfer_pb2.KvBlockChunk, pull: transfer_pb2.PullBlocksRequest, position: int) -> None:
     """A data port offer must answer a pull that asked for one, come first and carry nothing else."""
     if not pull.tcp_connections or position != 1 or offer.block_indices or offer.last \

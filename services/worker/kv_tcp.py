@@ -296,9 +296,8 @@ def _retrieve(done: asyncio.Future) -> None:
 
 async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
     """A non-blocking TCP connection to the offered port; ``DataConnectionError`` when it is
-    refused, unreachable or silent for ``CONNECT_TIMEOUT_S``."""
-    if not 0 < port < 65536:
-        raise TransferError(f"the sender offered data port {port}")
+    refused, unreachable or silent for ``CONNECT_TIMEOUT_S``. ``port`` is checked already
+    (``kv_receive.check_offer``)."""
     try:
         target = (str(ipaddress.ip_address(host)), port)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
